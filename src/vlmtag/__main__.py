@@ -1,0 +1,3 @@
+from vlmtag.cli import main
+
+main()

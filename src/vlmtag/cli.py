@@ -1,0 +1,291 @@
+"""The command line: parse flags, call the library, render the result. Nothing else.
+
+Heavy modules (httpx, Pillow, torch) are imported inside commands so `vlmtag --help` is fast.
+Typed errors become one line on stderr and an exit code, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from vlmtag import __version__
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+DB_HELP = (
+    "SQLite database file. Default: $VLMTAG_DB, else vlmtag.db in your data folder "
+    "(~/.local/share/vlmtag on Linux, ~/Library/Application Support/vlmtag on macOS)."
+)
+
+
+def db_option(f):
+    return click.option("--db", "db", type=click.Path(dir_okay=False), help=DB_HELP)(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vlmtag")
+def cli() -> None:
+    """Tag and describe every image in a folder with a vision-language model.
+
+    Results go to an SQLite database; reruns only do new work.
+
+    \b
+    Quick start:
+      vlmtag tag ~/Pictures                       # Ollama on localhost, qwen3-vl:4b
+      vlmtag tag ~/Pictures --backend builtin     # offline, CPU, no server
+      vlmtag export --format jsonl
+    """
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--image-path", "image_paths", multiple=True, type=click.Path(),
+              help="Folder or image to tag (the seed's spelling; same as PATHS).")
+@db_option
+@click.option("--backend", "--model-type", "backend", default=None, metavar="NAME",
+              help="ollama (default), openai (vLLM, llama.cpp, LM Studio, SGLang, OpenAI), "
+              "builtin (offline CPU classifier), transformers (alias: local).")
+@click.option("--model", default=None,
+              help="Model name. Default: qwen3-vl:4b for Ollama; for openai, the one model "
+              "the server serves.")
+@click.option("--api-base", "api_base", multiple=True, metavar="URL",
+              help="Server URL; repeat or comma-separate for several servers. Default: "
+              "http://localhost:11434 (ollama), http://localhost:8000/v1 (openai).")
+@click.option("--model-path", default=None, type=click.Path(),
+              help="Local model folder for --backend transformers.")
+@click.option("--preset", type=click.Choice(["fast", "balanced", "quality"]), default=None,
+              help="The seed's plans; explicit flags override (see README).")
+@click.option("--workers", type=click.IntRange(1, 1024), default=None,
+              help="Requests in flight per server. Default: the backend's (ollama 2, openai 8).")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=None,
+              help="Images per batch for in-process backends (builtin, transformers).")
+@click.option("--resize", default=None, metavar="WxH",
+              help="Fit images inside this box before sending (aspect kept, never upscaled): "
+              "512x512, 768, or none. Default 512x512.")
+@click.option("--tag-count", type=click.IntRange(1, 200), default=None,
+              help="At most this many tags per image. Default 20.")
+@click.option("--description/--no-description", default=None,
+              help="Ask for a one or two sentence description too. Default on "
+              "(off for builtin).")
+@click.option("--language", default=None, help="Language of tags and description: en, zh, ...")
+@click.option("--force", is_flag=True, help="Redo images already tagged with these settings.")
+@click.option("--retry-failed", is_flag=True, help="Only retry images that failed before.")
+@click.option("--timeout", type=click.FloatRange(1, 86400), default=None,
+              help="Seconds to wait for one answer. Default 300.")
+@click.option("--max-pixels", type=click.IntRange(1), default=None,
+              help="Refuse images larger than this many pixels (decompression bombs). "
+              "Default 100000000.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+def tag(ctx: click.Context, paths: tuple[str, ...], image_paths: tuple[str, ...],
+        as_json: bool, quiet: bool, **flags: Any) -> None:
+    """Tag (and describe) every image under PATHS and store the results.
+
+    Images already tagged with the same model and settings are skipped; renamed, moved
+    and duplicate files are recognised by content and not sent again.
+
+    \b
+    Exit codes: 0 every image tagged or skipped; 1 some images failed (see
+    `vlmtag failures`) or the server went away; 2 usage or setup error; 130 interrupted.
+    """
+    from vlmtag.tagging import run_tag
+
+    settings = _settings(ctx, [*paths, *image_paths], flags)
+    progress = None if (quiet or as_json or not sys.stderr.isatty()) else _bar()
+    result = _run(run_tag(settings, progress))
+    summary = result.summary()
+    summary["db"] = settings.db
+    if as_json:
+        click.echo(json.dumps(summary, ensure_ascii=False, indent=2))
+    else:
+        _render_summary(summary)
+    if result.interrupted:
+        ctx.exit(EXIT_INTERRUPTED)
+    ctx.exit(EXIT_PARTIAL if (result.failed or result.stopped_reason) else EXIT_OK)
+
+
+def _settings(ctx: click.Context, paths: list[str], flags: dict[str, Any]):
+    import os
+
+    from vlmtag.config import Settings, apply_preset, normalise_backend, parse_resize
+    from vlmtag.store import default_db_path
+
+    explicit = {
+        name for name in flags
+        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    }
+    settings = Settings(paths=paths)
+    settings.backend = normalise_backend(flags["backend"] or "ollama")
+    settings = apply_preset(settings, flags["preset"], explicit)
+    for name, value in flags.items():
+        if name in {"preset", "backend"} or value is None or name not in explicit:
+            continue
+        if name == "resize":
+            value = parse_resize(value)
+        elif name == "api_base":
+            value = list(value)
+        setattr(settings, name, value)
+    settings.db = os.path.abspath(settings.db or str(default_db_path()))
+    if settings.backend == "openai":
+        settings.api_key = os.environ.get("OPENAI_API_KEY") or None
+    if settings.language:
+        settings.language = settings.language.lower()
+    return settings
+
+
+def _run(coro):
+    """Run a coroutine; typed errors become one line on stderr and an exit code."""
+    import asyncio
+
+    from vlmtag.errors import VlmtagError
+
+    try:
+        return asyncio.run(coro)
+    except VlmtagError as exc:
+        _fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("vlmtag: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _fail(message: str, code: int = EXIT_USAGE):
+    click.echo(f"vlmtag: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _bar():
+    from vlmtag.progressbar import Bar
+
+    return Bar()
+
+
+def _render_summary(s: dict[str, Any]) -> None:
+    head = (
+        f"tagged {s['tagged']}, skipped {s['skipped']}, failed {s['failed']} "
+        f"of {s['found']} images in {s['wall_seconds']:.1f} s"
+    )
+    if s["tagged"] or s["failed"]:
+        head += f" ({s['images_per_second']:.2f} images/s)"
+    click.echo(f"{head} - {s['model']} via {s['backend']}")
+    extras = [f"{s[k]} {k}" for k in ("duplicates", "missing") if s[k]]
+    if extras:
+        click.echo("  " + ", ".join(extras) + " (duplicates share one answer; missing: gone from disk)")
+    click.echo(f"  {'stage':<8}{'total':>10}{'p50':>10}{'p95':>10}{'images':>8}")
+    for stage, t in s["stages"].items():
+        p50 = _secs(t["p50_s"]) if "p50_s" in t else ""
+        p95 = _secs(t["p95_s"]) if "p95_s" in t else ""
+        click.echo(
+            f"  {stage:<8}{_secs(t['total_s']):>10}{p50:>10}{p95:>10}{t.get('count', ''):>8}"
+        )
+    if s["failures"]:
+        click.echo(f"failures ({s['failed']}; all of them: vlmtag failures):")
+        for f in s["failures"][:5]:
+            click.echo(f"  {f['path']}: {f['stage']}: {f['reason']}")
+    if s.get("stopped_reason"):
+        click.echo(f"stopped: {s['stopped_reason']}", err=True)
+    elif s["interrupted"]:
+        click.echo("interrupted: what was tagged is stored; rerun the same command to go on",
+                   err=True)
+    click.echo(f"database: {s['db']}")
+
+
+def _secs(value: float) -> str:
+    return f"{value * 1000:.1f}ms" if value < 1 else f"{value:.2f}s"
+
+
+# ---- read back ---------------------------------------------------------------------------
+
+
+def _open_store(db: str | None):
+    from vlmtag.errors import VlmtagError
+    from vlmtag.store import Store, default_db_path
+
+    try:
+        return Store.open(db or default_db_path(), create=False)
+    except VlmtagError as exc:
+        _fail(str(exc), exc.exit_code)
+
+
+@cli.command()
+@db_option
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]), default="jsonl",
+              help="jsonl: one JSON object per line (default); json: one array; csv.")
+@click.option("--model", default=None, help="Only annotations of this model.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
+              help="Write to this file instead of standard output.")
+def export(db: str | None, fmt: str, model: str | None, out: str | None) -> None:
+    """Export the latest tags and description of every present file."""
+    from vlmtag.export import write_rows
+
+    store = _open_store(db)
+    rows = store.latest_annotations(model=model)
+    if out:
+        with open(out, "w", encoding="utf-8", newline="") as fh:
+            count = write_rows(rows, fmt, fh)
+        click.echo(f"wrote {count} images to {out}", err=True)
+    else:
+        write_rows(rows, fmt, sys.stdout)
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def show(path: str, db: str | None, as_json: bool) -> None:
+    """Show what is stored for one image: tags and description of each model."""
+    import os
+
+    store = _open_store(db)
+    path = os.path.abspath(path)
+    file_row = store.file_row(path)
+    if file_row is None:
+        _fail(f"{path} is not in the database; tag it first with `vlmtag tag {path}`", 1)
+    annotations = store.annotations_for_path(path)
+    if as_json:
+        payload = {
+            "path": path,
+            "content_id": file_row["content_id"],
+            "present": bool(file_row["present"]),
+            "other_paths": [p for p in store.paths_of(file_row["content_id"]) if p != path],
+            "annotations": annotations,
+        }
+        click.echo(json.dumps(payload, ensure_ascii=False, indent=2))
+        return
+    click.echo(path + ("" if file_row["present"] else "  (gone from disk)"))
+    if not annotations:
+        click.echo("  not tagged yet")
+    for a in annotations:
+        click.echo(f"  {a['model']} via {a['backend']} ({a['created_at']}):")
+        click.echo("    tags: " + ", ".join(a["tags"]))
+        if a["description"]:
+            click.echo("    description: " + a["description"])
+
+
+@cli.command()
+@db_option
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def failures(db: str | None, as_json: bool) -> None:
+    """List images that failed, with the stage and the reason. Retry: tag --retry-failed."""
+    store = _open_store(db)
+    rows = store.failures()
+    if as_json:
+        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['path']}\t{r['stage']}\t{r['reason']}\t(attempts: {r['attempts']})")
+    if not rows:
+        click.echo("no failures", err=True)
+
+
+def main() -> None:
+    cli(prog_name="vlmtag")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,491 @@
+"""The stages of a tagging run wired together: scan -> identify -> prepare -> infer -> store.
+
+Identify and prepare run in a thread pool (Pillow and hashlib release the GIL) and feed a
+bounded queue; inference runs as asyncio tasks, at most `workers` requests in flight per
+server; one writer thread stores the results. The bounds are the back-pressure that keeps
+memory flat however large the library is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vlmtag import imaging, scan
+from vlmtag.backends.base import Backend, PreparedImage, Reply, Request
+from vlmtag.errors import ImageError, InferenceError, ParseError, ServerGoneError
+from vlmtag.parse import parse_answer
+from vlmtag.store import AnnotationRow, FailureRow, FileSeen, KnownFile, Missing, Store
+from vlmtag.timings import StageTimes
+
+GRACE_SECONDS = 10.0  # after Ctrl-C, how long in-flight requests may finish before cancel
+LOOKAHEAD_PER_THREAD = 2  # images being read/decoded ahead, per preprocessing thread
+READY_PER_WORKER = 2  # prepared images waiting, per request slot
+
+
+class Progress(Protocol):
+    """What the pipeline tells its caller as it goes; the CLI draws a bar from it."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, outcome: str) -> None: ...  # "tagged" | "skipped" | "failed"
+
+    def close(self) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, outcome: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class RunOptions:
+    """What the pipeline needs beyond the backend: the request and how to treat files."""
+
+    request: Request
+    prompt_key: str
+    resize: tuple[int, int] | None
+    max_pixels: int
+    workers: int
+    force: bool = False
+    retry_failed: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+    threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+
+
+@dataclass
+class RunResult:
+    run_id: int
+    backend: str
+    model: str
+    prompt_key: str
+    found: int = 0
+    tagged: int = 0
+    skipped: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    missing: int = 0
+    interrupted: bool = False
+    stopped_reason: str | None = None
+    wall_seconds: float = 0.0
+    times: StageTimes = field(default_factory=StageTimes)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        done = self.tagged + self.failed
+        return {
+            "run_id": self.run_id,
+            "backend": self.backend,
+            "model": self.model,
+            "prompt_key": self.prompt_key,
+            "found": self.found,
+            "tagged": self.tagged,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "duplicates": self.duplicates,
+            "missing": self.missing,
+            "interrupted": self.interrupted,
+            "stopped_reason": self.stopped_reason,
+            "wall_seconds": round(self.wall_seconds, 3),
+            "images_per_second": round(done / self.wall_seconds, 3) if self.wall_seconds else 0,
+            "stages": self.times.summary(),
+            "failures": self.failures[:20],
+        }
+
+
+@dataclass(slots=True)
+class _Item:
+    """One image on its way through the pipeline."""
+
+    path: str
+    content_id: str
+    image: PreparedImage
+    started: float
+
+
+class TagRun:
+    """One tagging run over some paths. Objects are passed in; run() does the work."""
+
+    def __init__(
+        self,
+        store: Store,
+        backends: list[Backend],
+        options: RunOptions,
+        progress: Progress | None = None,
+    ):
+        self.store = store
+        self.backends = backends
+        self.backend = backends[0]
+        self.options = options
+        self.progress = progress or _NoProgress()
+        self.stop_requested = asyncio.Event()
+        self._claimed: set[str] = set()
+        self._claim_lock = threading.Lock()
+        self._server_gone: str | None = None
+        self._hurry = False
+
+    # ---- entry -------------------------------------------------------------------------
+
+    async def run(self, roots: list[str]) -> RunResult:
+        started = time.perf_counter()
+        backend, opts = self.backend, self.options
+        run_id = self.store.start_run(backend.name, backend.model, opts.prompt_key, opts.params)
+        result = RunResult(run_id, backend.name, backend.model, opts.prompt_key)
+        self.result = result
+        writer = self.store.writer()
+        try:
+            files = await self._scan(roots, result, writer)
+            await self._process(files, result, writer)
+        finally:
+            writer.close()
+            result.times.add_total("db", writer.stats.seconds)
+            result.wall_seconds = time.perf_counter() - started
+            if self._server_gone:
+                result.stopped_reason = self._server_gone
+            status = "interrupted" if (result.interrupted or self._server_gone) else "done"
+            self.store.finish_run(run_id, status, _counts(result), result.times.summary())
+            self.progress.close()
+        return result
+
+    def request_stop(self) -> None:
+        """Ctrl-C: stop scheduling new images; in-flight ones may finish (GRACE_SECONDS)."""
+        self.result.interrupted = True
+        self.stop_requested.set()
+
+    def hurry(self) -> None:
+        """A second Ctrl-C: cancel requests in flight now (what is stored stays stored)."""
+        self._hurry = True
+        self.request_stop()
+
+    # ---- scan --------------------------------------------------------------------------
+
+    async def _scan(self, roots: list[str], result: RunResult, writer) -> list[scan.FileStat]:
+        t0 = time.perf_counter()
+        ignore = {self.store.path, self.store.path + "-wal", self.store.path + "-shm"}
+        scan_errors: list[tuple[str, str]] = []
+
+        def walk() -> list[scan.FileStat]:
+            return list(
+                scan.walk(roots, ignore=ignore, on_error=lambda p, r: scan_errors.append((p, r)))
+            )
+
+        files, known = await asyncio.gather(
+            asyncio.to_thread(walk), asyncio.to_thread(self._load_known)
+        )
+        self._known, self._done, self._failed = known
+        for path, reason in scan_errors:
+            self._fail(writer, path, None, "scan", reason)
+        seen = {f.path for f in files}
+        gone = [
+            p for p, k in self._known.items() if k.present and p not in seen and _under(p, roots)
+        ]
+        if gone:
+            writer.put(Missing(gone))
+        result.missing = len(gone)
+        result.found = len(files)
+        result.times.add_total("scan", time.perf_counter() - t0)
+        return files
+
+    def _load_known(self) -> tuple[dict[str, KnownFile], set[str], set[str]]:
+        # A second connection: the scan runs in a thread beside it.
+        from vlmtag.store import Store
+
+        store = Store.open(self.store.path)
+        try:
+            b, o = self.backend, self.options
+            done = set() if o.force else store.done_content_ids(b.name, b.model, o.prompt_key)
+            failed = store.failed_paths(b.name, b.model, o.prompt_key) if o.retry_failed else set()
+            return store.known_files(), done, failed
+        finally:
+            store.close()
+
+    # ---- process -----------------------------------------------------------------------
+
+    async def _process(self, files: list[scan.FileStat], result: RunResult, writer) -> None:
+        opts = self.options
+        self.progress.start(len(files))
+        ready: asyncio.Queue[_Item | None] = asyncio.Queue(
+            maxsize=max(2, self._consumer_count()) * READY_PER_WORKER
+        )
+        self._ready = ready
+        pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="vlmtag-prep")
+        try:
+            consumers = [
+                asyncio.create_task(self._consume(backend, ready, writer))
+                for backend in self.backends
+                for _ in range(self._slots(backend))
+            ]
+            producer = asyncio.create_task(self._produce(files, ready, writer, pool))
+            await self._wait(producer, consumers)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _consumer_count(self) -> int:
+        return sum(self._slots(b) for b in self.backends)
+
+    def _slots(self, backend: Backend) -> int:
+        # In-process backends batch instead of running requests side by side.
+        return 1 if backend.batch_size > 1 else self.options.workers
+
+    async def _wait(self, producer: asyncio.Task, consumers: list[asyncio.Task]) -> None:
+        everything = asyncio.gather(producer, *consumers)
+        stop = asyncio.create_task(self.stop_requested.wait())
+        await asyncio.wait([everything, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not everything.done():
+            # Stopping: nothing new is sent; requests in flight may finish for a short while.
+            producer.cancel()
+            await asyncio.wait([producer])
+            while not self._ready.empty():
+                self._ready.get_nowait()
+            for _ in range(self._consumer_count()):
+                self._ready.put_nowait(None)
+            deadline = time.monotonic() + GRACE_SECONDS
+            pending = set(consumers)
+            while pending and not self._hurry and time.monotonic() < deadline:
+                _, pending = await asyncio.wait(pending, timeout=0.2)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(producer, *consumers, return_exceptions=True)
+        stop.cancel()
+        try:
+            await everything
+        except asyncio.CancelledError:
+            pass
+
+    async def _produce(self, files, ready, writer, pool) -> None:
+        opts = self.options
+        window = asyncio.Semaphore(opts.threads * LOOKAHEAD_PER_THREAD)
+        tasks: set[asyncio.Task] = set()
+        loop = asyncio.get_running_loop()
+        try:
+            for f in files:
+                if self.stop_requested.is_set():
+                    break
+                if opts.retry_failed and f.path not in self._failed:
+                    self._count("skipped")
+                    continue
+                known = self._known.get(f.path)
+                unchanged = known and known.size == f.size and known.mtime_ns == f.mtime_ns
+                if unchanged and not known.present:
+                    writer.put(FileSeen(f.path, f.size, f.mtime_ns, known.content_id))
+                if unchanged and self._skip(known.content_id):
+                    self._count("skipped")
+                    continue
+                await window.acquire()
+                job = loop.run_in_executor(
+                    pool, self._identify_and_prepare, f, known.content_id if unchanged else None
+                )
+                task = asyncio.create_task(self._deliver(f, job, ready, writer, window))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+            for _ in range(self._consumer_count()):
+                await ready.put(None)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    def _skip(self, content_id: str) -> bool:
+        """True if this content needs no request: done before, or claimed in this run."""
+        if content_id in self._done:
+            return True
+        with self._claim_lock:
+            if content_id in self._claimed:
+                self.result.duplicates += 1
+                return True
+            return False
+
+    def _claim(self, content_id: str) -> bool:
+        with self._claim_lock:
+            if content_id in self._done or content_id in self._claimed:
+                if content_id in self._claimed:
+                    self.result.duplicates += 1
+                return False
+            self._claimed.add(content_id)
+            return True
+
+    def _identify_and_prepare(self, f: scan.FileStat, content_id: str | None):
+        """In a pool thread: read once, hash if new or changed, claim, decode and fit."""
+        started = time.perf_counter()
+        data = None
+        seen = None
+        if content_id is None:
+            data = scan.read_file(f.path)
+            content_id = scan.content_id(data)
+            seen = FileSeen(f.path, f.size, f.mtime_ns, content_id)
+            self.result.times.add("hash", time.perf_counter() - started)
+        if not self._claim(content_id):
+            return seen, content_id, None, started
+        t1 = time.perf_counter()
+        try:
+            image = imaging.prepare(
+                data if data is not None else f.path,
+                self.backend.input_box or self.options.resize,
+                max_pixels=self.options.max_pixels,
+                keep_pixels=self.backend.wants_pixels,
+            )
+        except ImageError as exc:
+            exc.content_id = content_id  # type: ignore[attr-defined]
+            exc.seen = seen  # type: ignore[attr-defined]
+            raise
+        self.result.times.add("decode", time.perf_counter() - t1)
+        return seen, content_id, image, started
+
+    async def _deliver(self, f, job, ready, writer, window) -> None:
+        try:
+            try:
+                seen, content_id, image, started = await job
+            except ImageError as exc:
+                seen = getattr(exc, "seen", None)
+                if seen:
+                    writer.put(seen)
+                self._fail(writer, f.path, getattr(exc, "content_id", None), exc.stage, str(exc))
+                return
+            except OSError as exc:
+                self._fail(writer, f.path, None, "read", _os_reason(exc))
+                return
+            if seen:
+                writer.put(seen)
+            if image is None:
+                self._count("skipped")
+                return
+            await ready.put(_Item(f.path, content_id, image, started))
+        finally:
+            window.release()
+
+    async def _consume(self, backend: Backend, ready, writer) -> None:
+        while True:
+            batch = await self._next_batch(backend, ready)
+            if not batch:
+                return
+            t0 = time.perf_counter()
+            try:
+                if len(batch) == 1 and backend.batch_size <= 1:
+                    replies: list[Reply | BaseException] = [
+                        await backend.infer(batch[0].image, self.options.request)
+                    ]
+                else:
+                    replies = await backend.infer_batch(
+                        [i.image for i in batch], self.options.request
+                    )
+            except ServerGoneError as exc:
+                self._server_gone = (
+                    f"{exc}; {self.result.tagged} images were stored. "
+                    "Start the server again and rerun the same command to resume"
+                )
+                self.stop_requested.set()
+                return
+            except InferenceError as exc:
+                replies = [exc] * len(batch)
+            elapsed = (time.perf_counter() - t0) / len(batch)
+            for item, reply in zip(batch, replies, strict=True):
+                self.result.times.add("infer", elapsed)
+                self._store_reply(backend, item, reply, writer)
+
+    async def _next_batch(self, backend: Backend, ready) -> list[_Item]:
+        item = await ready.get()
+        if item is None:
+            return []
+        batch = [item]
+        while len(batch) < backend.batch_size:
+            try:
+                nxt = ready.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if nxt is None:
+                ready.put_nowait(None)  # leave the end marker for the next read
+                break
+            batch.append(nxt)
+        return batch
+
+    def _store_reply(self, backend: Backend, item: _Item, reply, writer) -> None:
+        if isinstance(reply, BaseException):
+            stage = getattr(reply, "stage", "infer")
+            self._fail(writer, item.path, item.content_id, stage, str(reply) or type(reply).__name__)
+            return
+        request = self.options.request
+        try:
+            if reply.tags is not None:
+                tags = reply.tags
+                description = reply.description
+            else:
+                answer = parse_answer(
+                    reply.text, tag_count=request.tag_count, description=request.description
+                )
+                tags = [(t, None) for t in answer.tags]
+                description = answer.description if request.description else None
+        except ParseError as exc:
+            self._fail(writer, item.path, item.content_id, "parse", str(exc))
+            return
+        writer.put(
+            AnnotationRow(
+                content_id=item.content_id,
+                backend=backend.name,
+                model=backend.model,
+                prompt_key=self.options.prompt_key,
+                language=request.language,
+                tags=tags,
+                description=description,
+                raw=reply.text,
+                server_timings=reply.timings,
+                run_id=self.result.run_id,
+                path=item.path,
+                width=item.image.source_width,
+                height=item.image.source_height,
+            )
+        )
+        self.result.times.add("total", time.perf_counter() - item.started)
+        self._count("tagged")
+
+    # ---- bookkeeping -------------------------------------------------------------------
+
+    def _fail(self, writer, path: str, content_id: str | None, stage: str, reason: str) -> None:
+        b = self.backend
+        writer.put(
+            FailureRow(
+                path, content_id, b.name, b.model, self.options.prompt_key, stage, reason,
+                self.result.run_id,
+            )
+        )
+        self.result.failures.append({"path": path, "stage": stage, "reason": reason})
+        self._count("failed")
+
+    def _count(self, outcome: str) -> None:
+        setattr(self.result, outcome, getattr(self.result, outcome) + 1)
+        self.progress.advance(outcome)
+
+
+def _counts(result: RunResult) -> dict[str, int]:
+    return {
+        k: getattr(result, k)
+        for k in ("found", "tagged", "skipped", "failed", "duplicates", "missing")
+    }
+
+
+def _under(path: str, roots: list[str]) -> bool:
+    """Only files under the roots of this run can be declared gone."""
+    for root in roots:
+        root = os.path.abspath(root)
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def _os_reason(exc: OSError) -> str:
+    return f"cannot read the file: {exc.strerror or exc}"
+
+
+ProgressFactory = Callable[[], Progress]
