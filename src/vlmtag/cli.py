@@ -23,6 +23,22 @@ DB_HELP = (
 )
 
 
+def friendly_errors(f):
+    """Typed errors from anywhere in a command: one line on stderr and their exit code."""
+    import functools
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from vlmtag.errors import VlmtagError
+
+        try:
+            return f(*args, **kwargs)
+        except VlmtagError as exc:
+            _fail(str(exc), exc.exit_code)
+
+    return wrapper
+
+
 def db_option(f):
     return click.option("--db", "db", type=click.Path(dir_okay=False), help=DB_HELP)(f)
 
@@ -42,49 +58,121 @@ def cli() -> None:
     """
 
 
+def model_options(f):
+    """The flags that choose the model and what to ask it: shared by tag and bench."""
+    for option in reversed(
+        [
+            click.option(
+                "--backend",
+                "--model-type",
+                "backend",
+                default=None,
+                metavar="NAME",
+                help="ollama (default), openai (vLLM, llama.cpp, LM Studio, SGLang, OpenAI), "
+                "builtin (offline CPU classifier), transformers (alias: local).",
+            ),
+            click.option(
+                "--model",
+                default=None,
+                help="Model name. Default: qwen3-vl:4b for Ollama; for openai, the one model "
+                "the server serves.",
+            ),
+            click.option(
+                "--api-base",
+                "api_base",
+                multiple=True,
+                metavar="URL",
+                help="Server URL; repeat or comma-separate for several servers. Default: "
+                "http://localhost:11434 (ollama), http://localhost:8000/v1 (openai).",
+            ),
+            click.option(
+                "--model-path",
+                default=None,
+                type=click.Path(),
+                help="Local model folder for --backend transformers.",
+            ),
+            click.option(
+                "--preset",
+                type=click.Choice(["fast", "balanced", "quality"]),
+                default=None,
+                help="The seed's plans; explicit flags override (see README).",
+            ),
+            click.option(
+                "--workers",
+                type=click.IntRange(1, 1024),
+                default=None,
+                help="Requests in flight per server. Default: the backend's (ollama 2, openai 8).",
+            ),
+            click.option(
+                "--batch-size",
+                type=click.IntRange(1, 1024),
+                default=None,
+                help="Images per batch for in-process backends (builtin, transformers).",
+            ),
+            click.option(
+                "--resize",
+                default=None,
+                metavar="WxH",
+                help="Fit images inside this box before sending (aspect kept, never upscaled): "
+                "512x512, 768, or none. Default 512x512.",
+            ),
+            click.option(
+                "--tag-count",
+                type=click.IntRange(1, 200),
+                default=None,
+                help="At most this many tags per image. Default 20.",
+            ),
+            click.option(
+                "--description/--no-description",
+                default=None,
+                help="Ask for a one or two sentence description too. Default on (off for builtin).",
+            ),
+            click.option(
+                "--language", default=None, help="Language of tags and description: en, zh, ..."
+            ),
+            click.option(
+                "--timeout",
+                type=click.FloatRange(1, 86400),
+                default=None,
+                help="Seconds to wait for one answer. Default 300.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path())
-@click.option("--image-path", "image_paths", multiple=True, type=click.Path(),
-              help="Folder or image to tag (the seed's spelling; same as PATHS).")
+@click.option(
+    "--image-path",
+    "image_paths",
+    multiple=True,
+    type=click.Path(),
+    help="Folder or image to tag (the seed's spelling; same as PATHS).",
+)
 @db_option
-@click.option("--backend", "--model-type", "backend", default=None, metavar="NAME",
-              help="ollama (default), openai (vLLM, llama.cpp, LM Studio, SGLang, OpenAI), "
-              "builtin (offline CPU classifier), transformers (alias: local).")
-@click.option("--model", default=None,
-              help="Model name. Default: qwen3-vl:4b for Ollama; for openai, the one model "
-              "the server serves.")
-@click.option("--api-base", "api_base", multiple=True, metavar="URL",
-              help="Server URL; repeat or comma-separate for several servers. Default: "
-              "http://localhost:11434 (ollama), http://localhost:8000/v1 (openai).")
-@click.option("--model-path", default=None, type=click.Path(),
-              help="Local model folder for --backend transformers.")
-@click.option("--preset", type=click.Choice(["fast", "balanced", "quality"]), default=None,
-              help="The seed's plans; explicit flags override (see README).")
-@click.option("--workers", type=click.IntRange(1, 1024), default=None,
-              help="Requests in flight per server. Default: the backend's (ollama 2, openai 8).")
-@click.option("--batch-size", type=click.IntRange(1, 1024), default=None,
-              help="Images per batch for in-process backends (builtin, transformers).")
-@click.option("--resize", default=None, metavar="WxH",
-              help="Fit images inside this box before sending (aspect kept, never upscaled): "
-              "512x512, 768, or none. Default 512x512.")
-@click.option("--tag-count", type=click.IntRange(1, 200), default=None,
-              help="At most this many tags per image. Default 20.")
-@click.option("--description/--no-description", default=None,
-              help="Ask for a one or two sentence description too. Default on "
-              "(off for builtin).")
-@click.option("--language", default=None, help="Language of tags and description: en, zh, ...")
+@model_options
 @click.option("--force", is_flag=True, help="Redo images already tagged with these settings.")
 @click.option("--retry-failed", is_flag=True, help="Only retry images that failed before.")
-@click.option("--timeout", type=click.FloatRange(1, 86400), default=None,
-              help="Seconds to wait for one answer. Default 300.")
-@click.option("--max-pixels", type=click.IntRange(1), default=None,
-              help="Refuse images larger than this many pixels (decompression bombs). "
-              "Default 100000000.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=None,
+    help="Refuse images larger than this many pixels (decompression bombs). Default 100000000.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context
-def tag(ctx: click.Context, paths: tuple[str, ...], image_paths: tuple[str, ...],
-        as_json: bool, quiet: bool, **flags: Any) -> None:
+@friendly_errors
+def tag(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    image_paths: tuple[str, ...],
+    as_json: bool,
+    quiet: bool,
+    **flags: Any,
+) -> None:
     """Tag (and describe) every image under PATHS and store the results.
 
     Images already tagged with the same model and settings are skipped; renamed, moved
@@ -117,8 +205,10 @@ def _settings(ctx: click.Context, paths: list[str], flags: dict[str, Any]):
     from vlmtag.store import default_db_path
 
     explicit = {
-        name for name in flags
-        if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        name
+        for name in flags
+        if ctx.get_parameter_source(name)
+        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     }
     settings = Settings(paths=paths)
     settings.backend = normalise_backend(flags["backend"] or "ollama")
@@ -175,7 +265,9 @@ def _render_summary(s: dict[str, Any]) -> None:
     click.echo(f"{head} - {s['model']} via {s['backend']}")
     extras = [f"{s[k]} {k}" for k in ("duplicates", "missing") if s[k]]
     if extras:
-        click.echo("  " + ", ".join(extras) + " (duplicates share one answer; missing: gone from disk)")
+        click.echo(
+            "  " + ", ".join(extras) + " (duplicates share one answer; missing: gone from disk)"
+        )
     click.echo(f"  {'stage':<8}{'total':>10}{'p50':>10}{'p95':>10}{'images':>8}")
     for stage, t in s["stages"].items():
         p50 = _secs(t["p50_s"]) if "p50_s" in t else ""
@@ -190,13 +282,66 @@ def _render_summary(s: dict[str, Any]) -> None:
     if s.get("stopped_reason"):
         click.echo(f"stopped: {s['stopped_reason']}", err=True)
     elif s["interrupted"]:
-        click.echo("interrupted: what was tagged is stored; rerun the same command to go on",
-                   err=True)
+        click.echo(
+            "interrupted: what was tagged is stored; rerun the same command to go on", err=True
+        )
     click.echo(f"database: {s['db']}")
 
 
 def _secs(value: float) -> str:
     return f"{value * 1000:.1f}ms" if value < 1 else f"{value:.2f}s"
+
+
+@cli.command()
+@click.option(
+    "--image-path",
+    type=click.Path(),
+    default=None,
+    help="Folder of images to use. Default: synthetic 12 MP JPEGs.",
+)
+@click.option("--count", type=click.IntRange(1), default=20, help="How many images. Default 20.")
+@click.option(
+    "--simulate",
+    default=None,
+    metavar="SLOTS,SECONDS",
+    help="Use a simulated server with SLOTS parallel slots and SECONDS per request "
+    "(no GPU needed), e.g. 4,0.25.",
+)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+@friendly_errors
+def bench(
+    ctx: click.Context,
+    image_path: str | None,
+    count: int,
+    simulate: str | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Measure a run on COUNT images: per-stage times, images/s, client vs server time.
+
+    Nothing is written to your database: the run goes to a temporary one.
+    """
+    from vlmtag.bench import run_bench
+    from vlmtag.simulate import parse_simulate
+
+    settings = _settings(ctx, [], flags)
+    report = _run(run_bench(settings, count, image_path, simulate and parse_simulate(simulate)))
+    if as_json:
+        click.echo(json.dumps(report, ensure_ascii=False, indent=2))
+        return
+    report["db"] = "(temporary)"
+    _render_summary(report)
+    if "server_seconds" in report:
+        click.echo(f"server time (sum over requests): {report['server_seconds']:.2f} s")
+    if "ideal_seconds" in report:
+        sim = report["simulated"]
+        click.echo(
+            f"simulated server {sim['slots']} slots x {sim['seconds']} s: ideal "
+            f"{report['ideal_seconds']:.2f} s, vlmtag {report['wall_seconds']:.2f} s "
+            f"(efficiency {report['efficiency']:.0%})"
+        )
 
 
 # ---- read back ---------------------------------------------------------------------------
@@ -214,11 +359,21 @@ def _open_store(db: str | None):
 
 @cli.command()
 @db_option
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "json", "csv"]), default="jsonl",
-              help="jsonl: one JSON object per line (default); json: one array; csv.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["jsonl", "json", "csv"]),
+    default="jsonl",
+    help="jsonl: one JSON object per line (default); json: one array; csv.",
+)
 @click.option("--model", default=None, help="Only annotations of this model.")
-@click.option("--out", "out", type=click.Path(dir_okay=False), default=None,
-              help="Write to this file instead of standard output.")
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write to this file instead of standard output.",
+)
 def export(db: str | None, fmt: str, model: str | None, out: str | None) -> None:
     """Export the latest tags and description of every present file."""
     from vlmtag.export import write_rows

@@ -9,6 +9,7 @@ memory flat however large the library is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -259,10 +260,8 @@ class TagRun:
                 task.cancel()
             await asyncio.gather(producer, *consumers, return_exceptions=True)
         stop.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await everything
-        except asyncio.CancelledError:
-            pass
 
     async def _produce(self, files, ready, writer, pool) -> None:
         opts = self.options
@@ -414,7 +413,9 @@ class TagRun:
     def _store_reply(self, backend: Backend, item: _Item, reply, writer) -> None:
         if isinstance(reply, BaseException):
             stage = getattr(reply, "stage", "infer")
-            self._fail(writer, item.path, item.content_id, stage, str(reply) or type(reply).__name__)
+            self._fail(
+                writer, item.path, item.content_id, stage, str(reply) or type(reply).__name__
+            )
             return
         request = self.options.request
         try:
@@ -456,7 +457,13 @@ class TagRun:
         b = self.backend
         writer.put(
             FailureRow(
-                path, content_id, b.name, b.model, self.options.prompt_key, stage, reason,
+                path,
+                content_id,
+                b.name,
+                b.model,
+                self.options.prompt_key,
+                stage,
+                reason,
                 self.result.run_id,
             )
         )

@@ -16,7 +16,11 @@ class Bar:
         from tqdm import tqdm
 
         self._bar = tqdm(
-            total=total, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
+            total=total,
+            unit="img",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.1,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}] "
             "{postfix}",
         )

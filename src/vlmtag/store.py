@@ -6,6 +6,7 @@ uncommitted batch and never corrupts the file. Only the Writer writes during a r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -254,9 +255,7 @@ class Store:
         return [r[0] for r in rows]
 
     def failures(self, *, run_id: int | None = None) -> list[dict[str, Any]]:
-        sql = "SELECT * FROM failures {} ORDER BY path".format(
-            "WHERE run_id = ?" if run_id else ""
-        )
+        sql = "SELECT * FROM failures {} ORDER BY path".format("WHERE run_id = ?" if run_id else "")
         return [dict(r) for r in self.conn.execute(sql, (run_id,) if run_id else ())]
 
     def _annotation_dict(self, row: sqlite3.Row) -> dict[str, Any]:
@@ -427,7 +426,9 @@ class Writer:
         first_pending = 0.0
         stop = False
         while not stop:
-            timeout = None if not pending else max(0.0, first_pending + COMMIT_SECONDS - time.monotonic())
+            timeout = (
+                None if not pending else max(0.0, first_pending + COMMIT_SECONDS - time.monotonic())
+            )
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -471,10 +472,8 @@ class Writer:
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
-    try:
+    with contextlib.suppress(sqlite3.Error):
         conn.execute("ROLLBACK")
-    except sqlite3.Error:
-        pass
 
 
 def _write(conn: sqlite3.Connection, row: object) -> None:

@@ -1,0 +1,121 @@
+"""`vlmtag bench`: tag N images into a throw-away database and report where the time went.
+
+Against a real server it shows client time vs server time (Ollama's timing fields); with
+--simulate SLOTS,SECONDS it runs against a simulated server in its own process and shows
+how close vlmtag comes to the ideal wall time of that server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import sqlite3
+import tempfile
+from dataclasses import replace
+from typing import Any
+
+from vlmtag import scan
+from vlmtag.config import Settings
+from vlmtag.errors import UsageError
+
+SYNTHETIC_SIZE = (4000, 3000)  # 12 MP, like a phone photo
+SYNTHETIC_BASES = 4  # distinct pictures; copies differ by a trailer so each has its own hash
+
+
+def pick_images(image_path: str | None, count: int, folder: str) -> list[str]:
+    """Links to the first `count` images under image_path, or synthetic 12 MP JPEGs."""
+    if image_path:
+        if not os.path.exists(image_path):
+            raise UsageError(f"{image_path} does not exist; pass a folder of images")
+        found = []
+        for f in scan.walk([image_path]):
+            found.append(f.path)
+            if len(found) == count:
+                break
+        if not found:
+            raise UsageError(f"no images under {image_path}")
+        links = []
+        for i, path in enumerate(found):
+            link = os.path.join(folder, f"{i:06d}{os.path.splitext(path)[1].lower()}")
+            os.symlink(path, link)
+            links.append(link)
+        return links
+    return synthetic_jpegs(count, folder)
+
+
+def synthetic_jpegs(count: int, folder: str) -> list[str]:
+    """12 MP JPEGs with photo-like detail; same decode cost as a camera file."""
+    from PIL import Image, ImageDraw, ImageFilter
+
+    bases = []
+    for b in range(min(count, SYNTHETIC_BASES)):
+        small = Image.new("RGB", (400, 300))
+        draw = ImageDraw.Draw(small)
+        for i in range(60):
+            x, y = (i * 53 + b * 31) % 400, (i * 37 + b * 17) % 300
+            colour = ((i * 40 + b * 60) % 256, (i * 90) % 256, (i * 20 + b * 90) % 256)
+            draw.ellipse((x, y, x + 40 + i % 50, y + 30 + i % 40), fill=colour)
+        big = small.resize(SYNTHETIC_SIZE, Image.Resampling.BICUBIC).filter(
+            ImageFilter.GaussianBlur(1)
+        )
+        out = io.BytesIO()
+        big.save(out, "JPEG", quality=92)
+        bases.append(out.getvalue())
+    paths = []
+    for i in range(count):
+        path = os.path.join(folder, f"synthetic-{i:06d}.jpg")
+        with open(path, "wb") as fh:
+            # Bytes after the end-of-image marker are ignored by decoders but change the hash.
+            fh.write(bases[i % len(bases)] + f"vlmtag-bench-{i}".encode())
+        paths.append(path)
+    return paths
+
+
+def server_seconds(db: str) -> float:
+    """Sum of the server's own time per request (Ollama total_duration), where given."""
+    conn = sqlite3.connect(db)
+    try:
+        total = 0.0
+        for (timings,) in conn.execute("SELECT server_timings FROM annotations"):
+            total += (json.loads(timings or "{}") or {}).get("total_duration", 0.0)
+        return total
+    finally:
+        conn.close()
+
+
+async def run_bench(
+    settings: Settings, count: int, image_path: str | None, simulate: tuple[int, float] | None
+) -> dict[str, Any]:
+    from vlmtag.simulate import SimulatedProcess
+    from vlmtag.tagging import run_tag
+
+    with tempfile.TemporaryDirectory(prefix="vlmtag-bench-") as tmp:
+        images = os.path.join(tmp, "images")
+        os.mkdir(images)
+        paths = pick_images(image_path, count, images)
+        db = os.path.join(tmp, "bench.db")
+        run_settings = replace(settings, paths=[images], db=db, force=True)
+        if simulate:
+            slots, seconds = simulate
+            with SimulatedProcess(slots, seconds) as sim:
+                run_settings = replace(
+                    run_settings, backend="ollama", model="simulated", api_base=[sim.url]
+                )
+                result = await run_tag(run_settings)
+        else:
+            result = await run_tag(run_settings)
+        report = result.summary()
+        report["images"] = len(paths)
+        report["synthetic"] = image_path is None
+        server = server_seconds(db)
+        if server:
+            report["server_seconds"] = round(server, 3)
+        if simulate:
+            slots, seconds = simulate
+            ideal = math.ceil(result.tagged / slots) * seconds if result.tagged else 0.0
+            report["simulated"] = {"slots": slots, "seconds": seconds}
+            report["ideal_seconds"] = round(ideal, 3)
+            report["efficiency"] = round(ideal / result.wall_seconds, 3) if ideal else 0.0
+        return report
