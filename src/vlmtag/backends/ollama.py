@@ -1,0 +1,273 @@
+"""The Ollama backend: native /api/chat with the image as base64, the answer schema as `format`.
+
+One instance talks to one server (the first of options.api_base); to spread work over
+several servers, make one instance per server with `dataclasses.replace(options,
+api_base=[url])`. All HTTP goes through vlmtag.http, the one retry layer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+import httpx
+
+from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.errors import InferenceError, SetupError
+from vlmtag.http import (
+    BrokenAnswer,
+    HTTPStatusError,
+    RetryPolicy,
+    get_json,
+    infer_each,
+    make_client,
+    post_json,
+    why,
+)
+
+DEFAULT_API_BASE = "http://127.0.0.1:11434"
+START_TIMEOUT = 30.0  # /api/version and /api/show answer from metadata, never from the model
+# Ollama runs OLLAMA_NUM_PARALLEL requests per model (default 1) and queues the rest.
+# Two in flight keep one queued on the server, so the model starts the next image the
+# moment it finishes one, without waiting for our upload; more only lengthens the queue,
+# and queued time counts against --timeout.
+DEFAULT_WORKERS = 2
+SUGGESTED_MODEL = "qwen3-vl:4b"
+_TIMING_NS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
+_COUNTS = ("prompt_eval_count", "eval_count")
+
+
+class OllamaBackend:
+    """A vision model served by Ollama."""
+
+    name = "ollama"
+    wants_pixels = False
+    batch_size = 1
+    default_workers = DEFAULT_WORKERS
+    input_box: tuple[int, int] | None = None
+
+    def __init__(
+        self,
+        options: BackendOptions,
+        *,
+        backoff: float | None = None,
+        connections: int | None = None,
+    ):
+        self.options = options
+        self.model = options.model
+        self.base_url = normalise_base(options.api_base[0] if options.api_base else "")
+        self.label = f"Ollama at {self.base_url}"
+        self.policy = RetryPolicy(retries=max(options.retries, 0))
+        if backoff is not None:
+            self.policy = RetryPolicy(retries=self.policy.retries, backoff=backoff)
+        self._connections = connections
+        self._http: httpx.AsyncClient | None = None
+        # Sent only to models that declare "thinking": some Ollama versions answer 400
+        # "does not support thinking" to a `think` field on other models.
+        self._think_off = False
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            kwargs = {} if self._connections is None else {"connections": self._connections}
+            self._http = make_client(self.base_url, timeout=self.options.timeout, **kwargs)
+        return self._http
+
+    async def start(self) -> None:
+        """Check that the server answers and the model exists and can see images."""
+        probe = RetryPolicy(retries=min(self.policy.retries, 1), backoff=self.policy.backoff)
+        timeout = min(self.options.timeout, START_TIMEOUT)
+        try:
+            await get_json(
+                self._client(), "/api/version", timeout=timeout, policy=probe, label=self.label
+            )
+        except HTTPStatusError as exc:
+            raise SetupError(
+                f"the server at {self.base_url} does not answer like Ollama (GET /api/version:"
+                f" HTTP {exc.status}); for vLLM, llama.cpp or LM Studio use --backend openai"
+            ) from None
+        except InferenceError as exc:
+            raise SetupError(
+                f"cannot reach Ollama at {self.base_url}: {why(exc, self.label)}. Start it with "
+                "`ollama serve` (or pass --api-base URL); `--backend builtin` works offline "
+                "without a server"
+            ) from None
+        try:
+            show = await post_json(
+                self._client(),
+                "/api/show",
+                {"model": self.model},
+                timeout=timeout,
+                policy=probe,
+                label=self.label,
+            )
+        except HTTPStatusError as exc:
+            if exc.status == 404:
+                raise SetupError(
+                    f"model '{self.model}' not found on the Ollama server at {self.base_url};"
+                    f" pull it with `ollama pull {self.model}`"
+                ) from None
+            raise SetupError(f"{exc}; check the model name given with --model") from None
+        except InferenceError as exc:
+            raise SetupError(f"{exc}; is the Ollama server healthy?") from None
+        self._check_vision(show if isinstance(show, dict) else {})
+
+    def _check_vision(self, show: dict[str, Any]) -> None:
+        capabilities = show.get("capabilities")
+        if isinstance(capabilities, list):
+            self._think_off = "thinking" in capabilities
+            if "vision" in capabilities:
+                return
+            listed = ", ".join(map(str, capabilities)) or "none"
+            raise SetupError(
+                f"model '{self.model}' on {self.base_url} cannot see images (capabilities:"
+                f" {listed}); pick a vision model, e.g. `ollama pull {SUGGESTED_MODEL}`"
+                f" and --model {SUGGESTED_MODEL}"
+            )
+        # Servers older than the `capabilities` field: a vision model carries a projector
+        # (llava) or vision keys in its model_info (mllama, gemma3, qwen2.5vl).
+        if has_vision_hints(show):
+            return
+        if show.get("model_info"):
+            raise SetupError(
+                f"model '{self.model}' on {self.base_url} shows no vision encoder; pick a"
+                f" vision model, e.g. `ollama pull {SUGGESTED_MODEL}`"
+            )
+        # Nothing to go on: let the first answers tell.
+
+    def chat_payload(self, image: PreparedImage, request: Request) -> dict[str, Any]:
+        """The /api/chat body for one image."""
+        messages: list[dict[str, Any]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.append(
+            {
+                "role": "user",
+                "content": request.prompt,
+                "images": [base64.b64encode(image.data).decode("ascii")],
+            }
+        )
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": False,
+            "options": {
+                "temperature": 0,
+                "num_predict": request.max_tokens,
+                # Fixed for the run: a different num_ctx makes Ollama reload the model.
+                "num_ctx": self.options.num_ctx,
+            },
+            "keep_alive": self.options.keep_alive,
+        }
+        if request.schema:
+            payload["format"] = request.schema
+        if self._think_off:
+            payload["think"] = False
+        return payload
+
+    async def infer(self, image: PreparedImage, request: Request) -> Reply:
+        """One image, one answer."""
+        started = time.monotonic()
+        try:
+            reply = await post_json(
+                self._client(),
+                "/api/chat",
+                self.chat_payload(image, request),
+                timeout=self.options.timeout,
+                policy=self.policy,
+                label=self.label,
+                decode=decode_chat,
+            )
+        except HTTPStatusError as exc:
+            if exc.status == 404:
+                raise InferenceError(
+                    f"model '{self.model}' not found on {self.base_url} ({exc.detail}); pull it"
+                    f" with `ollama pull {self.model}`",
+                    retryable=False,
+                    status=404,
+                ) from None
+            raise
+        reply.timings["request_seconds"] = time.monotonic() - started
+        return reply
+
+    async def infer_batch(
+        self, images: list[PreparedImage], request: Request
+    ) -> list[Reply | Exception]:
+        """Several images, one request each (Ollama takes one image per chat turn here)."""
+        return await infer_each(self, images, request)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
+def normalise_base(url: str) -> str:
+    """http://host:11434 from 'host:11434', 'http://host:11434/', 'http://host:11434/api'."""
+    url = (url or DEFAULT_API_BASE).strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    if url.endswith("/api"):
+        url = url[: -len("/api")]
+    return url
+
+
+def has_vision_hints(show: dict[str, Any]) -> bool:
+    """True if an /api/show answer without `capabilities` still shows a vision encoder."""
+    if show.get("projector_info"):
+        return True
+    model_info = show.get("model_info") or {}
+    if any(".vision." in key for key in model_info):
+        return True
+    families = (show.get("details") or {}).get("families") or []
+    return "clip" in families
+
+
+def decode_chat(response: httpx.Response) -> Reply:
+    """A /api/chat answer: one JSON object, or NDJSON chunks if the server streamed anyway."""
+    text = response.text
+    try:
+        chunks = [json.loads(text)]
+    except json.JSONDecodeError:
+        chunks = _ndjson(text)
+    content: list[str] = []
+    final: dict[str, Any] | None = None
+    for chunk in chunks:
+        if not isinstance(chunk, dict):
+            raise BrokenAnswer(f"unexpected answer: {text[:200]}")
+        if "error" in chunk:
+            # Ollama reports an error that happens after the answer started as an
+            # {"error": ...} object under HTTP 200.
+            raise BrokenAnswer(f"error while answering: {chunk['error']}")
+        message = chunk.get("message") or {}
+        content.append(str(message.get("content") or ""))
+        if chunk.get("done"):
+            final = chunk
+            break
+    if final is None:
+        raise BrokenAnswer("answer ended before done:true")
+    return Reply(text="".join(content), timings=_timings(final))
+
+
+def _ndjson(text: str) -> list[Any]:
+    chunks = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            chunks.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise BrokenAnswer(f"answer is not JSON: {line[:200]}") from None
+    return chunks
+
+
+def _timings(final: dict[str, Any]) -> dict[str, float]:
+    timings: dict[str, float] = {}
+    for key in _TIMING_NS:
+        if isinstance(final.get(key), int | float):
+            timings[key] = final[key] / 1e9
+    for key in _COUNTS:
+        if isinstance(final.get(key), int | float):
+            timings[key] = float(final[key])
+    return timings

@@ -1,0 +1,378 @@
+"""The OpenAI-compatible backend: /v1/chat/completions with the image as a data URI.
+
+Serves OpenAI itself, vLLM, llama.cpp's llama-server, LM Studio, and Ollama's /v1.
+Servers differ in what they accept, so a request the server rejects for one optional
+field (response_format, max_tokens, temperature) is adapted and sent again, and the
+adaptation is kept for the rest of the run. All HTTP goes through vlmtag.http.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import httpx
+
+from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.errors import InferenceError, SetupError
+from vlmtag.http import (
+    BrokenAnswer,
+    HTTPStatusError,
+    RetryPolicy,
+    decode_json,
+    get_json,
+    infer_each,
+    make_client,
+    post_json,
+    why,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_BASE = "https://api.openai.com/v1"
+START_TIMEOUT = 30.0
+# vLLM batches continuously: the requests in flight are the batch.
+DEFAULT_WORKERS = 8
+SCHEMA_NAME = "image_tags"
+FORMATS = ("json_schema", "json_object", "none")  # response_format, most to least strict
+MAX_ADAPTATIONS = 4  # each one moves a field one step; the loop cannot go on for ever
+LISTED_MODELS_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """The optional parts of a request this server accepts, learnt from its rejections."""
+
+    format: str = "json_schema"
+    # OpenAI's reasoning models take only max_completion_tokens; most compatible
+    # servers (llama.cpp, LM Studio, older vLLM, Ollama) know only max_tokens.
+    token_field: str = "max_tokens"
+    temperature: bool = True
+
+
+class OpenAIBackend:
+    """A vision model behind an OpenAI-compatible chat completions API."""
+
+    name = "openai"
+    wants_pixels = False
+    batch_size = 1
+    default_workers = DEFAULT_WORKERS
+    input_box: tuple[int, int] | None = None
+
+    def __init__(
+        self,
+        options: BackendOptions,
+        *,
+        backoff: float | None = None,
+        connections: int | None = None,
+    ):
+        self.options = options
+        self.model = options.model
+        self.base_url = normalise_base(options.api_base[0] if options.api_base else "")
+        self.label = f"server at {self.base_url}"
+        self.policy = RetryPolicy(retries=max(options.retries, 0))
+        if backoff is not None:
+            self.policy = RetryPolicy(retries=self.policy.retries, backoff=backoff)
+        self._connections = connections
+        self._http: httpx.AsyncClient | None = None
+        self._shape = RequestShape()
+        self._shape_lock = threading.Lock()  # requests may run on several loops/threads
+
+    @property
+    def shape(self) -> RequestShape:
+        """What this run sends; changes only when the server rejects a field."""
+        return self._shape
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            headers = {}
+            if self.options.api_key:
+                headers["Authorization"] = f"Bearer {self.options.api_key}"
+            kwargs = {} if self._connections is None else {"connections": self._connections}
+            self._http = make_client(
+                self.base_url, timeout=self.options.timeout, headers=headers, **kwargs
+            )
+        return self._http
+
+    async def start(self) -> None:
+        """Check the server answers, accepts the key, and serves the model."""
+        probe = RetryPolicy(retries=min(self.policy.retries, 1), backoff=self.policy.backoff)
+        timeout = min(self.options.timeout, START_TIMEOUT)
+        try:
+            listing = await get_json(
+                self._client(), "/models", timeout=timeout, policy=probe, label=self.label
+            )
+        except HTTPStatusError as exc:
+            if exc.status in (401, 403):
+                raise SetupError(self._key_problem(exc.status)) from None
+            if exc.status == 404:
+                log.warning("%s has no /models list; not checking the model name", self.label)
+                return
+            raise SetupError(f"{exc}; is this an OpenAI-compatible server?") from None
+        except InferenceError as exc:
+            raise SetupError(
+                f"cannot reach the OpenAI-compatible server at {self.base_url}:"
+                f" {why(exc, self.label)}. Start it (e.g. `vllm serve MODEL`, `llama-server`,"
+                " LM Studio's server) or pass --api-base URL; `--backend builtin` works"
+                " offline without a server"
+            ) from None
+        await self._check_model(model_ids(listing))
+
+    async def _check_model(self, served: list[str]) -> None:
+        if not served or self.model in served:
+            return
+        if not self.model and len(served) == 1:
+            # One model and none asked for: that is the one (llama-server, LM Studio).
+            self.model = served[0]
+            return
+        if len(served) == 1 and await self._answers_to_any_name():
+            # llama-server serves its one model under whatever name is asked for.
+            return
+        shown = ", ".join(served[:LISTED_MODELS_SHOWN])
+        if len(served) > LISTED_MODELS_SHOWN:
+            shown += f", ... ({len(served)} in all)"
+        if self.model:
+            problem = f"model '{self.model}' is not served at {self.base_url}"
+        else:
+            problem = f"no model given and {self.base_url} serves several"
+        raise SetupError(f"{problem}; available: {shown}. Pass one with --model")
+
+    async def _answers_to_any_name(self) -> bool:
+        """A one-token text request: does the server take our model name although its list
+        shows another? vLLM answers 404, llama-server answers."""
+        payload = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": "Say OK."}],
+            "max_tokens": 1,
+        }
+        probe = RetryPolicy(retries=0)
+        try:
+            await post_json(
+                self._client(),
+                "/chat/completions",
+                payload,
+                timeout=min(self.options.timeout, START_TIMEOUT),
+                policy=probe,
+                label=self.label,
+            )
+        except HTTPStatusError as exc:
+            return exc.status != 404
+        except InferenceError:
+            return True  # busy or slow is not a wrong name; the run will tell
+        return True
+
+    def _key_problem(self, status: int) -> str:
+        # Never the key itself, nor the server's text, which may echo it.
+        if self.options.api_key:
+            return (
+                f"the server at {self.base_url} refused the API key (HTTP {status});"
+                " set OPENAI_API_KEY to a valid key for this server"
+            )
+        return f"the server at {self.base_url} needs an API key (HTTP {status}); set OPENAI_API_KEY"
+
+    def chat_payload(
+        self, image: PreparedImage, request: Request, shape: RequestShape
+    ) -> dict[str, Any]:
+        """The /chat/completions body for one image, in the given shape."""
+        data_uri = f"data:{image.mime};base64,{base64.b64encode(image.data).decode('ascii')}"
+        messages: list[dict[str, Any]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.append(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": data_uri}},
+                    {"type": "text", "text": request.prompt},
+                ],
+            }
+        )
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "messages": messages,
+            "stream": False,
+            shape.token_field: request.max_tokens,
+        }
+        if shape.temperature:
+            payload["temperature"] = 0
+        if shape.format == "json_schema" and request.schema:
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": SCHEMA_NAME,
+                    "schema": request.schema,
+                    # OpenAI's strict mode refuses schemas with optional fields; ask for it
+                    # only when the schema meets its rules. vLLM enforces either way.
+                    "strict": is_strict_schema(request.schema),
+                },
+            }
+        elif shape.format == "json_object":
+            payload["response_format"] = {"type": "json_object"}
+        return payload
+
+    async def infer(self, image: PreparedImage, request: Request) -> Reply:
+        """One image, one answer; adapts the request if the server rejects a field."""
+        started = time.monotonic()
+        for _ in range(MAX_ADAPTATIONS + 1):
+            shape = self._shape
+            try:
+                reply = await post_json(
+                    self._client(),
+                    "/chat/completions",
+                    self.chat_payload(image, request, shape),
+                    timeout=self.options.timeout,
+                    policy=self.policy,
+                    label=self.label,
+                    decode=read_completion,
+                )
+            except HTTPStatusError as exc:
+                if exc.status in (400, 422) and self._adapt(shape, exc):
+                    continue
+                raise self._explain(exc) from None
+            reply.timings["request_seconds"] = time.monotonic() - started
+            return reply
+        raise InferenceError(
+            f"{self.label} kept rejecting the request after {MAX_ADAPTATIONS} adaptations",
+            retryable=False,
+            status=400,
+        )
+
+    def _adapt(self, used: RequestShape, exc: HTTPStatusError) -> bool:
+        """Change the request shape to get past this rejection; False if nothing can."""
+        with self._shape_lock:
+            if self._shape != used:
+                return True  # another request already adapted; send again as it now is
+            adapted = next_shape(used, exc.status, exc.detail)
+            if adapted is None:
+                return False
+            self._shape = adapted
+        log.warning(
+            "%s rejected the request (%s); sending %s for the rest of the run",
+            self.label,
+            exc.detail,
+            describe_change(used, adapted),
+        )
+        return True
+
+    def _explain(self, exc: HTTPStatusError) -> InferenceError:
+        if exc.status in (401, 403):
+            return InferenceError(self._key_problem(exc.status), retryable=False, status=exc.status)
+        if exc.status == 404:
+            return InferenceError(
+                f"model '{self.model}' not found at {self.base_url} ({exc.detail});"
+                " check --model against the server's /v1/models",
+                retryable=False,
+                status=404,
+            )
+        return exc
+
+    async def infer_batch(
+        self, images: list[PreparedImage], request: Request
+    ) -> list[Reply | Exception]:
+        """Several images, one request each; the server batches them itself."""
+        return await infer_each(self, images, request)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+
+def normalise_base(url: str) -> str:
+    """The API root ending in /v1, from a URL given with or without /v1 or trailing slash."""
+    url = (url or DEFAULT_API_BASE).strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    url = url.removesuffix("/chat/completions")
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url
+
+
+def model_ids(listing: Any) -> list[str]:
+    """Model ids from a /v1/models answer ({"object": "list", "data": [{"id": ...}]})."""
+    data = listing.get("data") if isinstance(listing, dict) else None
+    if not isinstance(data, list):
+        return []
+    return [str(item["id"]) for item in data if isinstance(item, dict) and "id" in item]
+
+
+def is_strict_schema(schema: dict[str, Any]) -> bool:
+    """True if every object in the schema closes its properties and requires them all,
+    which is what OpenAI's strict structured outputs demand."""
+    if not isinstance(schema, dict):
+        return False
+    if schema.get("type") == "object" or "properties" in schema:
+        properties = schema.get("properties") or {}
+        if schema.get("additionalProperties") is not False:
+            return False
+        if set(schema.get("required") or []) != set(properties):
+            return False
+        return all(is_strict_schema(value) for value in properties.values())
+    if schema.get("type") == "array" and isinstance(schema.get("items"), dict):
+        return is_strict_schema(schema["items"])
+    return True
+
+
+def next_shape(shape: RequestShape, status: int, detail: str) -> RequestShape | None:
+    """The shape to try after a 400/422 with this text, or None if it is not about a field
+    we can change (then the image itself was refused)."""
+    text = detail.lower()
+    if shape.token_field == "max_tokens" and "max_completion_tokens" in text:
+        return replace(shape, token_field="max_completion_tokens")
+    if shape.temperature and "temperature" in text:
+        return replace(shape, temperature=False)
+    about_format = any(
+        word in text for word in ("response_format", "json_schema", "json_object", "schema")
+    )
+    if (about_format or status == 422) and shape.format != "none":
+        return replace(shape, format=FORMATS[FORMATS.index(shape.format) + 1])
+    return None
+
+
+def describe_change(old: RequestShape, new: RequestShape) -> str:
+    if old.token_field != new.token_field:
+        return new.token_field
+    if old.temperature != new.temperature:
+        return "no temperature"
+    if new.format == "none":
+        return "no response_format"
+    return f"response_format {new.format}"
+
+
+def read_completion(response: httpx.Response) -> Reply:
+    """Text and usage from a chat completion; an error object under HTTP 200 is a
+    BrokenAnswer, which the retry layer tries once more."""
+    body = decode_json(response)
+    if not isinstance(body, dict) or "error" in body or not body.get("choices"):
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            error = error.get("message")
+        raise BrokenAnswer(f"no answer in the reply: {error or str(body)[:200]}")
+    message = body["choices"][0].get("message") or {}
+    content = message.get("content")
+    if content is None and message.get("refusal"):
+        raise InferenceError(f"the model refused: {message['refusal']}", retryable=False)
+    return Reply(text=str(content or ""), timings=usage_timings(body))
+
+
+def usage_timings(body: dict[str, Any]) -> dict[str, float]:
+    """Token counts from `usage`, and llama-server's own `timings` when present, under the
+    same names as Ollama's so reports can treat both alike (durations in seconds)."""
+    timings: dict[str, float] = {}
+    usage = body.get("usage") or {}
+    for ours, theirs in (
+        ("prompt_eval_count", "prompt_tokens"),
+        ("eval_count", "completion_tokens"),
+    ):
+        if isinstance(usage.get(theirs), int | float):
+            timings[ours] = float(usage[theirs])
+    server = body.get("timings") or {}
+    for ours, theirs in (("prompt_eval_duration", "prompt_ms"), ("eval_duration", "predicted_ms")):
+        if isinstance(server.get(theirs), int | float):
+            timings[ours] = server[theirs] / 1000
+    return timings

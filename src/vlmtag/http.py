@@ -1,0 +1,326 @@
+"""HTTP for the server backends: one pooled client per server and the ONE retry layer.
+
+Every request to a model server goes through `request_json`. It retries what may work on
+a second try (connection errors, timeouts, a connection closed mid-answer, 5xx, 429) with
+jittered exponential backoff, and never what cannot (400, 401, 403, 404, 422).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from vlmtag.errors import InferenceError, ServerGoneError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT = 10.0  # a server that takes longer to accept a connection is not there
+BACKOFF_BASE = 0.5  # first retry waits about this long, doubling each time
+BACKOFF_CAP = 30.0
+RETRY_AFTER_CAP = 60.0  # a server asking for a longer pause gets this much
+# An HTTP 200 whose body is an error or unreadable (Ollama's mid-stream {"error": ...})
+# usually means the runner died on this request: one more try, not the full budget.
+BROKEN_ANSWER_RETRIES = 1
+# uvicorn (vLLM) closes idle keep-alive connections after 5 s; dropping ours first avoids
+# sending a request down a connection the server is closing.
+KEEPALIVE_EXPIRY = 4.0
+# The pipeline bounds requests in flight; the pool must never be the tighter bound, or a
+# request would wait for a connection and time out without having been sent.
+MAX_CONNECTIONS = 1024  # the CLI caps --workers here
+ERROR_TEXT_LIMIT = 300
+
+RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+NEVER_RETRY_STATUS = frozenset({400, 401, 403, 404, 422})
+
+
+class HTTPStatusError(InferenceError):
+    """A server answered with an HTTP error status; `detail` is the server's own error text."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        detail: str,
+        retryable: bool,
+        retry_after: float | None = None,
+    ):
+        super().__init__(message, retryable=retryable, status=status)
+        self.detail = detail
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it did
+
+
+class BrokenAnswer(InferenceError):
+    """HTTP 200, but the body is an error object or cannot be read. Raised by decoders."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=True, status=200)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry one request."""
+
+    retries: int = 3  # further attempts after the first
+    backoff: float = BACKOFF_BASE
+    backoff_cap: float = BACKOFF_CAP
+    retry_after_cap: float = RETRY_AFTER_CAP
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number `attempt` (1-based)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.retry_after_cap)
+        ceiling = min(self.backoff_cap, self.backoff * 2 ** (attempt - 1))
+        # Half fixed, half random: never zero, and many workers that failed together
+        # do not come back together.
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def display_url(url: str) -> str:
+    """The URL without user:password, for messages."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def make_client(
+    base_url: str,
+    *,
+    timeout: float,
+    connections: int = MAX_CONNECTIONS,
+    headers: dict[str, str] | None = None,
+) -> httpx.AsyncClient:
+    """A keep-alive connection pool for one server. `timeout` is the user's --timeout."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers=headers,
+        timeout=request_timeout(timeout),
+        limits=httpx.Limits(
+            max_connections=max(connections, 1),
+            max_keepalive_connections=max(connections, 1),
+            keepalive_expiry=KEEPALIVE_EXPIRY,
+        ),
+    )
+
+
+def request_timeout(timeout: float) -> httpx.Timeout:
+    # Read covers the whole wait for a non-streamed answer, queueing on the server included.
+    return httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout))
+
+
+def decode_json(response: httpx.Response) -> Any:
+    """The body as JSON; an unreadable 200 body is a BrokenAnswer (retried once)."""
+    try:
+        return response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BrokenAnswer(f"answer is not JSON: {_snippet(response.text)}") from None
+
+
+async def get_json(
+    client: httpx.AsyncClient,
+    path: str,
+    *,
+    timeout: float,
+    policy: RetryPolicy,
+    label: str = "server",
+) -> Any:
+    """GET path and return the JSON body."""
+    return await request_json(client, "GET", path, timeout=timeout, policy=policy, label=label)
+
+
+async def post_json(
+    client: httpx.AsyncClient,
+    path: str,
+    payload: Any,
+    *,
+    timeout: float,
+    policy: RetryPolicy,
+    label: str = "server",
+    decode: Callable[[httpx.Response], T] = decode_json,
+) -> T:
+    """POST payload as JSON and return `decode(response)` (the JSON body by default)."""
+    return await request_json(
+        client,
+        "POST",
+        path,
+        json_body=payload,
+        timeout=timeout,
+        policy=policy,
+        label=label,
+        decode=decode,
+    )
+
+
+async def request_json(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    *,
+    json_body: Any = None,
+    timeout: float,
+    policy: RetryPolicy,
+    label: str = "server",
+    decode: Callable[[httpx.Response], Any] = decode_json,
+) -> Any:
+    """Send one request, retrying per `policy`; raise InferenceError when it cannot succeed.
+
+    `label` names the server in messages ("Ollama at http://host:11434").
+    Raises HTTPStatusError for an error status, ServerGoneError when no connection could be
+    made on any attempt, InferenceError(retryable=True) for the rest.
+    """
+    attempts = 0
+    broken = 0
+    while True:
+        attempts += 1
+        retry_after: float | None = None
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout + CONNECT_TIMEOUT):
+                response = await client.request(
+                    method, path, json=json_body, timeout=request_timeout(timeout)
+                )
+            if response.status_code >= 400:
+                raise _status_error(response, label)
+            return decode(response)
+        except HTTPStatusError as exc:
+            error: InferenceError = exc
+            retry_after = exc.retry_after
+        except BrokenAnswer as exc:
+            broken += 1
+            error = InferenceError(f"{label}: {exc}", retryable=True, status=200)
+            if broken > BROKEN_ANSWER_RETRIES:
+                raise error from None
+        except httpx.ConnectError as exc:
+            error = ServerGoneError(f"{label}: cannot connect ({_reason(exc)})")
+        except httpx.ConnectTimeout:
+            # No answer to the handshake at all: a host that is down or firewalled.
+            error = ServerGoneError(
+                f"{label}: cannot connect (no answer within {CONNECT_TIMEOUT:g} s)"
+            )
+        except (httpx.TimeoutException, TimeoutError):
+            waited = time.monotonic() - started
+            error = InferenceError(
+                f"{label}: no answer within {waited:.1f} s (timeout {timeout:g} s)",
+                retryable=True,
+            )
+        except (httpx.RemoteProtocolError, httpx.NetworkError) as exc:
+            error = InferenceError(
+                f"{label}: connection closed mid-answer ({_reason(exc)})", retryable=True
+            )
+        except httpx.HTTPError as exc:  # bad URL, unsupported scheme: retrying cannot help
+            raise InferenceError(f"{label}: {_reason(exc)}") from None
+        if not error.retryable or attempts > policy.retries:
+            if attempts > 1:
+                error.args = (f"{error.args[0]} (gave up after {attempts} attempts)",)
+            raise error from None
+        wait = policy.delay(attempts, retry_after)
+        log.info("%s; retry %d/%d in %.1f s", error, attempts, policy.retries, wait)
+        await asyncio.sleep(wait)
+
+
+async def infer_each(backend: Any, images: list[Any], request: Any) -> list[Any]:
+    """infer_batch for the server backends: one request per image, all at once, in order."""
+    results = await asyncio.gather(
+        *(backend.infer(image, request) for image in images), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            raise result  # cancellation and the like are not per-image failures
+    return list(results)
+
+
+def why(exc: BaseException, label: str) -> str:
+    """The reason in an error message, without the server label it starts with."""
+    return str(exc).removeprefix(f"{label}: ")
+
+
+def _status_error(response: httpx.Response, label: str) -> HTTPStatusError:
+    status = response.status_code
+    detail = error_text(response)
+    retryable = status in RETRYABLE_STATUS or (status >= 500 and status not in {501, 505})
+    return HTTPStatusError(
+        f"{label} answered HTTP {status}: {detail}",
+        status=status,
+        detail=detail,
+        retryable=retryable and status not in NEVER_RETRY_STATUS,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
+    )
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds: either a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+def error_text(response: httpx.Response) -> str:
+    """The server's own error text: Ollama {"error": "..."}, OpenAI {"error": {"message"}},
+    FastAPI {"detail": ...}, LM Studio {"error": "..."}, or the plain body."""
+    text = ""
+    try:
+        body = response.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        body = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict):
+            err = err.get("message") or json.dumps(err)
+        found = err or body.get("message") or body.get("detail")
+        if found is not None:
+            text = found if isinstance(found, str) else json.dumps(found)
+    if not text:
+        text = response.text if body is None else json.dumps(body)
+    text = _redact(_snippet(text), response)
+    return text or response.reason_phrase or "no error text"
+
+
+def _redact(text: str, response: httpx.Response) -> str:
+    # Some servers echo the key they refused ("Incorrect API key provided: sk-...").
+    auth = response.request.headers.get("authorization", "") if response.request else ""
+    token = auth.split(" ", 1)[1] if " " in auth else auth
+    if len(token) >= 4 and token in text:
+        text = text.replace(token, "***")
+    return text
+
+
+def _snippet(text: str) -> str:
+    text = " ".join(text.split())
+    if len(text) > ERROR_TEXT_LIMIT:
+        text = text[: ERROR_TEXT_LIMIT - 3] + "..."
+    return text
+
+
+def _reason(exc: BaseException) -> str:
+    # anyio reports "All connection attempts failed"; the cause underneath says why.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(seen, socket.gaierror):
+            return f"unknown host ({seen.strerror})"
+        seen = seen.__cause__ or seen.__context__
+    return _snippet(str(exc)) or type(exc).__name__
