@@ -13,6 +13,7 @@ import contextlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,11 +21,16 @@ from typing import Any, Protocol
 
 from vlmtag import imaging, scan
 from vlmtag.backends.base import Backend, PreparedImage, Reply, Request
+from vlmtag.concurrency import AUTO_MAX, Limiter
 from vlmtag.errors import ImageError, InferenceError, ParseError, ServerGoneError
 from vlmtag.parse import parse_answer
 from vlmtag.store import AnnotationRow, FailureRow, FileSeen, KnownFile, Missing, Store
 from vlmtag.timings import StageTimes
 
+AUTO = 0  # --workers auto: find the server's parallelism as the run goes
+MAX_LOST = 3  # an image whose server drops the connection this often is a failure
+PROBE_FIRST_DELAY = 1.0  # first wait before asking an away server again (doubles)
+PROBE_MAX_DELAY = 15.0
 GRACE_SECONDS = 10.0  # after Ctrl-C, how long in-flight requests may finish before cancel
 LOOKAHEAD_PER_THREAD = 2  # images being read/decoded ahead, per preprocessing thread
 READY_PER_WORKER = 2  # prepared images waiting, per request slot
@@ -59,8 +65,9 @@ class RunOptions:
     prompt_key: str
     resize: tuple[int, int] | None
     max_pixels: int
-    workers: int
+    workers: int  # requests in flight per server; AUTO to adapt
     force: bool = False
+    server_wait: float = 60.0  # how long to wait for a server that went away
     retry_failed: bool = False
     params: dict[str, Any] = field(default_factory=dict)
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
@@ -114,6 +121,28 @@ class _Item:
     content_id: str
     image: PreparedImage
     started: float
+    lost: int = 0  # times its server went away while it was in flight
+
+
+class _Health:
+    """Whether a server answers; consumers of an away server wait on `up`."""
+
+    def __init__(self) -> None:
+        self.up = asyncio.Event()
+        self.up.set()
+        self.retired = False
+
+    async def wait_back(self) -> bool:
+        await self.up.wait()
+        return not self.retired
+
+
+def _overloaded(reply: object) -> bool:
+    """A 503 or an out-of-memory answer: the server has more than it can take."""
+    if not isinstance(reply, InferenceError):
+        return False
+    text = str(reply).lower()
+    return reply.status == 503 or "out of memory" in text or "oom" in text.split()
 
 
 class TagRun:
@@ -136,6 +165,12 @@ class TagRun:
         self._claim_lock = threading.Lock()
         self._server_gone: str | None = None
         self._hurry = False
+        self._requeued: deque[_Item] = deque()
+        self._limiters = [
+            Limiter.auto() if self._slots(b) == AUTO_MAX else Limiter(self._slots(b))
+            for b in backends
+        ]
+        self._health = [_Health() for _ in backends]
 
     # ---- entry -------------------------------------------------------------------------
 
@@ -224,8 +259,8 @@ class TagRun:
         pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="vlmtag-prep")
         try:
             consumers = [
-                asyncio.create_task(self._consume(backend, ready, writer))
-                for backend in self.backends
+                asyncio.create_task(self._consume(index, ready, writer))
+                for index, backend in enumerate(self.backends)
                 for _ in range(self._slots(backend))
             ]
             producer = asyncio.create_task(self._produce(files, ready, writer, pool))
@@ -238,7 +273,9 @@ class TagRun:
 
     def _slots(self, backend: Backend) -> int:
         # In-process backends batch instead of running requests side by side.
-        return 1 if backend.batch_size > 1 else self.options.workers
+        if backend.batch_size > 1:
+            return 1
+        return AUTO_MAX if self.options.workers == AUTO else self.options.workers
 
     async def _wait(self, producer: asyncio.Task, consumers: list[asyncio.Task]) -> None:
         everything = asyncio.gather(producer, *consumers)
@@ -365,39 +402,110 @@ class TagRun:
         finally:
             window.release()
 
-    async def _consume(self, backend: Backend, ready, writer) -> None:
+    async def _consume(self, index: int, ready, writer) -> None:
+        backend, limiter, health = self.backends[index], self._limiters[index], self._health[index]
         while True:
-            batch = await self._next_batch(backend, ready)
-            if not batch:
-                return
-            t0 = time.perf_counter()
+            await limiter.acquire()
+            latency, overloaded = None, False
             try:
-                if len(batch) == 1 and backend.batch_size <= 1:
-                    replies: list[Reply | BaseException] = [
-                        await backend.infer(batch[0].image, self.options.request)
-                    ]
-                else:
-                    replies = await backend.infer_batch(
-                        [i.image for i in batch], self.options.request
-                    )
-            except ServerGoneError as exc:
-                self._server_gone = (
-                    f"{exc}; {self.result.tagged} images were stored. "
-                    "Start the server again and rerun the same command to resume"
+                batch = await self._next_batch(backend, ready)
+                if not batch:
+                    return
+                if not health.up.is_set():  # the server is away: hand the images on
+                    self._requeue(batch, writer, count=False)
+                    if not await health.wait_back():
+                        return
+                    continue
+                t0 = time.perf_counter()
+                limiter.active += 1
+                try:
+                    replies = await self._infer(backend, batch)
+                except ServerGoneError as exc:
+                    self._requeue(batch, writer, count=True)
+                    if not await self._server_away(index, exc):
+                        return
+                    continue
+                finally:
+                    limiter.active -= 1
+                elapsed = time.perf_counter() - t0
+                overloaded = all(_overloaded(r) for r in replies)
+                if not any(isinstance(r, BaseException) for r in replies):
+                    latency = elapsed
+                for item, reply in zip(batch, replies, strict=True):
+                    self.result.times.add("infer", elapsed / len(batch))
+                    self._store_reply(backend, item, reply, writer)
+            finally:
+                await limiter.release(latency, active=limiter.active + 1, overloaded=overloaded)
+
+    async def _infer(self, backend: Backend, batch: list[_Item]) -> list[Reply | BaseException]:
+        request = self.options.request
+        try:
+            if len(batch) == 1 and backend.batch_size <= 1:
+                return [await backend.infer(batch[0].image, request)]
+            return await backend.infer_batch([i.image for i in batch], request)
+        except ServerGoneError:
+            raise
+        except InferenceError as exc:
+            return [exc] * len(batch)
+
+    def _requeue(self, batch: list[_Item], writer, *, count: bool) -> None:
+        """Images whose server went away go to another server, or wait for this one."""
+        for item in batch:
+            item.lost += count
+            if item.lost > MAX_LOST:
+                self._fail(
+                    writer,
+                    item.path,
+                    item.content_id,
+                    "infer",
+                    f"the server dropped the connection {item.lost} times on this image",
                 )
-                self.stop_requested.set()
-                return
-            except InferenceError as exc:
-                replies = [exc] * len(batch)
-            elapsed = (time.perf_counter() - t0) / len(batch)
-            for item, reply in zip(batch, replies, strict=True):
-                self.result.times.add("infer", elapsed)
-                self._store_reply(backend, item, reply, writer)
+            else:
+                self._requeued.append(item)
+
+    async def _server_away(self, index: int, exc: ServerGoneError) -> bool:
+        """Wait (bounded) for a server that stopped answering; False if it is given up."""
+        health = self._health[index]
+        if health.up.is_set():
+            health.up.clear()
+            asyncio.create_task(self._probe(index, exc))
+        return await health.wait_back()
+
+    async def _probe(self, index: int, exc: ServerGoneError) -> None:
+        backend, health = self.backends[index], self._health[index]
+        deadline = time.monotonic() + self.options.server_wait
+        delay = PROBE_FIRST_DELAY
+        while time.monotonic() < deadline and not self.stop_requested.is_set():
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, PROBE_MAX_DELAY)
+            try:
+                await backend.start()
+            except Exception:  # still away: any failure of the check means the same
+                continue
+            health.up.set()
+            return
+        health.retired = True
+        health.up.set()
+        if all(h.retired for h in self._health):
+            self._server_gone = (
+                f"{exc}; waited {self.options.server_wait:g} s for it to come back. "
+                f"{self.result.tagged} images were stored: start the server again and rerun "
+                "the same command to go on"
+            )
+            self.stop_requested.set()
 
     async def _next_batch(self, backend: Backend, ready) -> list[_Item]:
+        batch: list[_Item] = []
+        while len(batch) < backend.batch_size and self._requeued:
+            batch.append(self._requeued.popleft())
+        if batch:
+            return batch
         item = await ready.get()
         if item is None:
-            return []
+            if not self._requeued:
+                return []
+            ready.put_nowait(None)  # keep the end marker for the next reader
+            return [self._requeued.popleft()]
         batch = [item]
         while len(batch) < backend.batch_size:
             try:

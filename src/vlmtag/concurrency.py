@@ -1,0 +1,130 @@
+"""How many requests to keep in flight at one server: fixed, or found as the run goes.
+
+`--workers auto` starts low and doubles while throughput grows with it; when latency
+climbs without a matching gain (the server queues instead of working in parallel) it
+settles on what the server really runs at once, measured by Little's law:
+parallelism = throughput x the latency of an unqueued request. It probes upward now and
+then, and halves on 503 / out-of-memory answers (the seed's FAQ: fewer workers when the
+GPU runs out of memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+AUTO_START = 1  # a server that runs one request at a time must never see more than it needs
+AUTO_MAX = 64  # vLLM's continuous batching gains little past this for one client
+GROWTH_SHARE = 0.5  # a step up must bring at least half of its ideal throughput gain
+QUEUED = 1.5  # latency this many times the unqueued one means requests wait at the server
+PROBE_EVERY = 6  # windows to stay put before trying one step up again
+MIN_WINDOW = 3  # completions per measurement window, at least
+
+
+@dataclass
+class Window:
+    """Completions measured at one limit."""
+
+    limit: int
+    latencies: list[float] = field(default_factory=list)
+    in_flight: list[int] = field(default_factory=list)
+
+    def throughput(self) -> float:
+        """Little's law: requests in flight / time each takes = requests per second."""
+        latency = sum(self.latencies) / len(self.latencies)
+        return (sum(self.in_flight) / len(self.in_flight)) / latency if latency > 0 else 0.0
+
+    def latency(self) -> float:
+        return sum(self.latencies) / len(self.latencies)
+
+
+class Limiter:
+    """At most `limit` requests in flight; `limit` may change while requests run."""
+
+    def __init__(self, limit: int, *, adaptive: bool = False, maximum: int = AUTO_MAX):
+        self.limit = limit
+        self.adaptive = adaptive
+        self.maximum = maximum
+        self.in_flight = 0  # places taken (a taker may still be waiting for an image)
+        self.active = 0  # requests at the server now
+        self.history: list[int] = [limit]  # every limit chosen, for reports and tests
+        self._changed = asyncio.Condition()
+        self._window = Window(limit)
+        self._previous: Window | None = None
+        self._base_latency: float | None = None
+        self._growing = adaptive
+        self._calm = 0  # windows since the last change
+
+    @classmethod
+    def auto(cls, maximum: int = AUTO_MAX) -> Limiter:
+        return cls(AUTO_START, adaptive=True, maximum=maximum)
+
+    async def acquire(self) -> None:
+        """Wait for a free place; the caller then takes an image and sends it."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.in_flight < self.limit)
+            self.in_flight += 1
+
+    async def release(
+        self, latency: float | None, *, active: int = 1, overloaded: bool = False
+    ) -> None:
+        """A place is free again. `latency` of the request sent from it (None: none was sent,
+        or it failed); `active`: requests at the server when it ended; `overloaded`: the
+        server said 503 or ran out of memory."""
+        async with self._changed:
+            self.in_flight -= 1
+            if self.adaptive:
+                if overloaded:
+                    self._growing = False
+                    self._set(max(1, self.limit // 2))
+                elif latency is not None:
+                    self.observe(latency, active)
+            self._changed.notify_all()
+
+    def observe(self, latency: float, in_flight: int) -> None:
+        """Feed one completed request; adjust the limit at the end of each window."""
+        if not self.adaptive:
+            return
+        window = self._window
+        window.latencies.append(latency)
+        window.in_flight.append(in_flight)
+        if len(window.latencies) < max(MIN_WINDOW, window.limit):
+            return
+        self._decide(window)
+
+    def _decide(self, window: Window) -> None:
+        if self._base_latency is None or window.latency() < self._base_latency:
+            self._base_latency = window.latency()
+        previous, self._previous = self._previous, window
+        queued = window.latency() > QUEUED * self._base_latency
+        if previous is not None and previous.limit < window.limit:
+            # Did the last step up pay? Compare throughput with the gain it should bring.
+            ideal = window.limit / previous.limit
+            paid = window.throughput() >= previous.throughput() * (1 + GROWTH_SHARE * (ideal - 1))
+            if not paid:
+                self._settle(window)
+                return
+        if queued and not self._growing:
+            self._settle(window)
+            return
+        if self._growing:
+            self._set(min(self.maximum, self.limit * 2))
+            return
+        self._calm += 1
+        if self._calm >= PROBE_EVERY and self.limit < self.maximum:
+            self._set(self.limit + max(1, self.limit // 4))
+        else:
+            self._window = Window(self.limit)
+
+    def _settle(self, window: Window) -> None:
+        """Use the parallelism the server showed: throughput x unqueued latency."""
+        self._growing = False
+        parallel = round(window.throughput() * (self._base_latency or window.latency()))
+        self._set(max(1, min(self.maximum, parallel, window.limit)))
+
+    def _set(self, limit: int) -> None:
+        if limit != self.limit:
+            self.history.append(limit)
+        self.limit = limit
+        self._calm = 0
+        self._window = Window(limit)

@@ -1,0 +1,84 @@
+"""The adaptive limit against model servers of known parallelism (no clock involved)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from vlmtag.concurrency import Limiter
+
+
+def server_latency(limit: int, slots: int, seconds: float, batch_cost: float = 0.0) -> float:
+    """A server with `slots` parallel slots: beyond them requests queue. `batch_cost` makes
+    each parallel request a little slower, as continuous batching in vLLM does."""
+    working = min(limit, slots)
+    service = seconds * (1 + batch_cost * (working - 1))
+    return service * max(1.0, limit / slots)
+
+
+def drive(limiter: Limiter, slots: int, seconds: float, rounds: int = 400, **kw) -> list[int]:
+    seen = []
+    for _ in range(rounds):
+        n = limiter.limit
+        limiter.observe(server_latency(n, slots, seconds, **kw), n)
+        seen.append(limiter.limit)
+    return seen
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4, 8, 32])
+def test_auto_finds_the_servers_parallelism(slots):
+    limiter = Limiter.auto()
+    seen = drive(limiter, slots, 0.25)
+    tail = seen[-200:]
+    # Mostly at the server's parallelism, with short probes one step above it.
+    assert max(set(tail), key=tail.count) == slots
+    assert sum(1 for n in tail if n == slots) / len(tail) > 0.7
+    assert min(tail) >= slots
+
+
+def test_one_at_a_time_server_stays_at_one():
+    limiter = Limiter.auto()
+    seen = drive(limiter, 1, 20.0)
+    assert seen[-1] == 1 or seen[-2] == 1
+    assert max(seen) <= 2
+
+
+def test_batching_server_climbs_to_dozens():
+    limiter = Limiter.auto()
+    seen = drive(limiter, 64, 0.5, batch_cost=0.01)
+    assert max(seen[-100:]) >= 32
+
+
+def test_overload_halves_and_fixed_never_moves():
+    async def scenario():
+        limiter = Limiter.auto()
+        drive(limiter, 16, 0.1)
+        before = limiter.limit
+        await limiter.acquire()
+        await limiter.release(None, overloaded=True)
+        assert limiter.limit == max(1, before // 2)
+
+        fixed = Limiter(4)
+        drive(fixed, 32, 0.1)
+        assert fixed.limit == 4 and fixed.history == [4]
+
+    asyncio.run(scenario())
+
+
+def test_never_more_in_flight_than_the_limit():
+    async def scenario():
+        limiter = Limiter(3)
+        peak = 0
+
+        async def request():
+            nonlocal peak
+            await limiter.acquire()
+            peak = max(peak, limiter.in_flight)
+            await asyncio.sleep(0.001)
+            await limiter.release(0.001)
+
+        await asyncio.gather(*(request() for _ in range(30)))
+        assert peak == 3 and limiter.in_flight == 0
+
+    asyncio.run(scenario())
