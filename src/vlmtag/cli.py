@@ -23,6 +23,26 @@ DB_HELP = (
 )
 
 
+class WorkersType(click.ParamType):
+    """--workers: a number, or auto."""
+
+    name = "workers"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).lower() == "auto":
+            return 0 if str(value).lower() == "auto" else value
+        try:
+            number = int(value)
+        except ValueError:
+            number = 0
+        if not 1 <= number <= 1024:
+            self.fail(f"{value!r} is not a number from 1 to 1024, or auto", param, ctx)
+        return number
+
+
+WORKERS = WorkersType()
+
+
 def friendly_errors(f):
     """Typed errors from anywhere in a command: one line on stderr and their exit code."""
     import functools
@@ -99,9 +119,11 @@ def model_options(f):
             ),
             click.option(
                 "--workers",
-                type=click.IntRange(1, 1024),
+                type=WORKERS,
                 default=None,
-                help="Requests in flight per server. Default: the backend's (ollama 2, openai 8).",
+                metavar="N|auto",
+                help="Requests in flight per server. Default auto: found as the run goes "
+                "(1 for a server that runs one request at a time, dozens for vLLM).",
             ),
             click.option(
                 "--batch-size",
@@ -160,6 +182,12 @@ def model_options(f):
     type=click.IntRange(1),
     default=None,
     help="Refuse images larger than this many pixels (decompression bombs). Default 100000000.",
+)
+@click.option(
+    "--server-wait",
+    type=click.FloatRange(0, 86400),
+    default=None,
+    help="Seconds to wait for a server that stopped answering before stopping. Default 60.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
@@ -275,6 +303,11 @@ def _render_summary(s: dict[str, Any]) -> None:
         click.echo(
             f"  {stage:<8}{_secs(t['total_s']):>10}{p50:>10}{p95:>10}{t.get('count', ''):>8}"
         )
+    for server in s.get("servers") or []:
+        if len(s["servers"]) > 1 or len(server["workers_tried"]) > 1:
+            tried = " -> ".join(map(str, server["workers_tried"]))
+            away = " (stopped answering)" if server["away"] else ""
+            click.echo(f"  {server['server']}: {server['workers']} in flight (tried {tried}){away}")
     if s["failures"]:
         click.echo(f"failures ({s['failed']}; all of them: vlmtag failures):")
         for f in s["failures"][:5]:

@@ -18,7 +18,7 @@ AUTO_MAX = 64  # vLLM's continuous batching gains little past this for one clien
 GROWTH_SHARE = 0.5  # a step up must bring at least half of its ideal throughput gain
 QUEUED = 1.5  # latency this many times the unqueued one means requests wait at the server
 PROBE_EVERY = 6  # windows to stay put before trying one step up again
-MIN_WINDOW = 3  # completions per measurement window, at least
+MIN_WINDOW = 2  # completions per measurement window, at least
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Limiter:
         self.maximum = maximum
         self.in_flight = 0  # places taken (a taker may still be waiting for an image)
         self.active = 0  # requests at the server now
+        self.generation = 0  # bumped at every change of limit
         self.history: list[int] = [limit]  # every limit chosen, for reports and tests
         self._changed = asyncio.Condition()
         self._window = Window(limit)
@@ -65,19 +66,34 @@ class Limiter:
             await self._changed.wait_for(lambda: self.in_flight < self.limit)
             self.in_flight += 1
 
+    def sent(self) -> tuple[int, int]:
+        """A request goes to the server now; returns what release() needs to judge it."""
+        self.active += 1
+        return self.generation, self.active
+
     async def release(
-        self, latency: float | None, *, active: int = 1, overloaded: bool = False
+        self,
+        latency: float | None,
+        *,
+        sent: tuple[int, int] | None = None,
+        overloaded: bool = False,
     ) -> None:
         """A place is free again. `latency` of the request sent from it (None: none was sent,
-        or it failed); `active`: requests at the server when it ended; `overloaded`: the
-        server said 503 or ran out of memory."""
+        or it failed), `sent` as sent() returned it; `overloaded`: the server said 503 or
+        ran out of memory."""
         async with self._changed:
             self.in_flight -= 1
+            # Requests at the server as this one ends: once the window has filled, that is
+            # what the server was working on (the count at send is low while it fills).
+            active = self.active
+            if sent is not None:
+                self.active -= 1
             if self.adaptive:
                 if overloaded:
                     self._growing = False
                     self._set(max(1, self.limit // 2))
-                elif latency is not None:
+                elif latency is not None and sent is not None and sent[0] == self.generation:
+                    # Requests sent under an older limit would judge this one wrongly.
                     self.observe(latency, active)
             self._changed.notify_all()
 
@@ -125,6 +141,7 @@ class Limiter:
     def _set(self, limit: int) -> None:
         if limit != self.limit:
             self.history.append(limit)
+            self.generation += 1
         self.limit = limit
         self._calm = 0
         self._window = Window(limit)

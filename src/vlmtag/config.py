@@ -55,7 +55,7 @@ class Settings:
     model: str | None = None
     api_base: list[str] = field(default_factory=list)
     api_key: str | None = field(default=None, repr=False)
-    workers: int | None = None
+    workers: int | None = None  # None: the backend's default; 0: auto
     batch_size: int | None = None
     resize: tuple[int, int] | None = (512, 512)
     tag_count: int = 20
@@ -65,6 +65,7 @@ class Settings:
     retry_failed: bool = False
     timeout: float = 300.0
     retries: int = 3
+    server_wait: float = 60.0  # how long to wait for a server that stopped answering
     max_pixels: int = 100_000_000
     model_path: str | None = None
     num_ctx: int = 8192

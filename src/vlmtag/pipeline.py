@@ -90,6 +90,7 @@ class RunResult:
     wall_seconds: float = 0.0
     times: StageTimes = field(default_factory=StageTimes)
     failures: list[dict[str, str]] = field(default_factory=list)
+    servers: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         done = self.tagged + self.failed
@@ -109,6 +110,7 @@ class RunResult:
             "wall_seconds": round(self.wall_seconds, 3),
             "images_per_second": round(done / self.wall_seconds, 3) if self.wall_seconds else 0,
             "stages": self.times.summary(),
+            "servers": self.servers,
             "failures": self.failures[:20],
         }
 
@@ -186,6 +188,17 @@ class TagRun:
             await self._process(files, result, writer)
         finally:
             writer.close()
+            result.servers = [
+                {
+                    "server": getattr(b, "base_url", b.name),
+                    "workers": limiter.limit,
+                    "workers_tried": limiter.history,
+                    "away": health.retired,
+                }
+                for b, limiter, health in zip(
+                    self.backends, self._limiters, self._health, strict=True
+                )
+            ]
             result.times.add_total("db", writer.stats.seconds)
             result.wall_seconds = time.perf_counter() - started
             if self._server_gone:
@@ -406,7 +419,7 @@ class TagRun:
         backend, limiter, health = self.backends[index], self._limiters[index], self._health[index]
         while True:
             await limiter.acquire()
-            latency, overloaded = None, False
+            latency, overloaded, sent = None, False, None
             try:
                 batch = await self._next_batch(backend, ready)
                 if not batch:
@@ -417,7 +430,7 @@ class TagRun:
                         return
                     continue
                 t0 = time.perf_counter()
-                limiter.active += 1
+                sent = limiter.sent()
                 try:
                     replies = await self._infer(backend, batch)
                 except ServerGoneError as exc:
@@ -425,8 +438,6 @@ class TagRun:
                     if not await self._server_away(index, exc):
                         return
                     continue
-                finally:
-                    limiter.active -= 1
                 elapsed = time.perf_counter() - t0
                 overloaded = all(_overloaded(r) for r in replies)
                 if not any(isinstance(r, BaseException) for r in replies):
@@ -435,7 +446,7 @@ class TagRun:
                     self.result.times.add("infer", elapsed / len(batch))
                     self._store_reply(backend, item, reply, writer)
             finally:
-                await limiter.release(latency, active=limiter.active + 1, overloaded=overloaded)
+                await limiter.release(latency, sent=sent, overloaded=overloaded)
 
     async def _infer(self, backend: Backend, batch: list[_Item]) -> list[Reply | BaseException]:
         request = self.options.request

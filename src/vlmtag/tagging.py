@@ -14,7 +14,7 @@ from dataclasses import replace
 from vlmtag.backends.base import Backend, BackendOptions, get_backend
 from vlmtag.config import DEFAULT_MODEL, Settings, resolve_api_base
 from vlmtag.errors import UsageError
-from vlmtag.pipeline import Progress, RunOptions, RunResult, TagRun
+from vlmtag.pipeline import AUTO, Progress, RunOptions, RunResult, TagRun
 from vlmtag.prompts import build_request, prompt_key
 from vlmtag.store import Store, default_db_path
 
@@ -67,7 +67,10 @@ async def run_tag(settings: Settings, progress: Progress | None = None) -> RunRe
         await asyncio.gather(*(b.start() for b in backends))
         lead = backends[0]
         resize = lead.input_box or settings.resize
-        workers = settings.workers or lead.default_workers
+        workers = settings.workers
+        if workers is None:
+            # Servers: find their parallelism as the run goes. In-process: their own default.
+            workers = lead.default_workers if lead.wants_pixels else AUTO
         options = RunOptions(
             request=request,
             prompt_key=prompt_key(request, resize),
@@ -76,7 +79,8 @@ async def run_tag(settings: Settings, progress: Progress | None = None) -> RunRe
             workers=workers,
             force=settings.force,
             retry_failed=settings.retry_failed,
-            params={**settings.public(), "workers": workers, "description": description},
+            server_wait=settings.server_wait,
+            params={**settings.public(), "workers": workers or "auto", "description": description},
         )
         run = TagRun(store, backends, options, progress)
         with _ctrl_c(run):
