@@ -8,6 +8,7 @@ import pytest
 
 from vlmtag.errors import StoreError
 from vlmtag.store import (
+    APP_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
     AnnotationRow,
@@ -182,3 +183,24 @@ def test_run_is_recorded(store):
     store.finish_run(run_id, "done", {"tagged": 3}, {"infer": {"total_s": 1.0}})
     row = store.conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
     assert row["status"] == "done" and '"tagged": 3' in row["counts"]
+
+
+def test_migrates_a_version_1_database_keeping_its_rows(tmp_path):
+    """A db written by the first schema opens, gains the new tables, and keeps its rows."""
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(MIGRATIONS[0])
+    conn.execute(f"PRAGMA application_id = {APP_ID}")
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO files (path, content_id, size, mtime_ns, first_seen, last_seen) "
+        "VALUES ('/p/a.jpg', 'c1', 1, 1, 'then', 'then')"
+    )
+    conn.commit()
+    conn.close()
+    s = Store.open(path)
+    assert s.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in s.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"tag_edits", "embeddings"} <= tables
+    assert "/p/a.jpg" in s.known_files()
+    s.close()

@@ -14,12 +14,14 @@ import click
 from click.core import ParameterSource
 
 from vlmtag import __version__
-
-EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-DB_HELP = (
-    "SQLite database file. Default: $VLMTAG_DB, else vlmtag.db in your data folder "
-    "(~/.local/share/vlmtag on Linux, ~/Library/Application Support/vlmtag on macOS)."
+from vlmtag.cli_common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    db_option,
+    fail,
+    friendly_errors,
+    open_store,
 )
 
 
@@ -41,26 +43,6 @@ class WorkersType(click.ParamType):
 
 
 WORKERS = WorkersType()
-
-
-def friendly_errors(f):
-    """Typed errors from anywhere in a command: one line on stderr and their exit code."""
-    import functools
-
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        from vlmtag.errors import VlmtagError
-
-        try:
-            return f(*args, **kwargs)
-        except VlmtagError as exc:
-            _fail(str(exc), exc.exit_code)
-
-    return wrapper
-
-
-def db_option(f):
-    return click.option("--db", "db", type=click.Path(dir_okay=False), help=DB_HELP)(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -266,15 +248,10 @@ def _run(coro):
     try:
         return asyncio.run(coro)
     except VlmtagError as exc:
-        _fail(str(exc), exc.exit_code)
+        fail(str(exc), exc.exit_code)
     except KeyboardInterrupt:
         click.echo("vlmtag: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-
-
-def _fail(message: str, code: int = EXIT_USAGE):
-    click.echo(f"vlmtag: error: {message}", err=True)
-    sys.exit(code)
 
 
 def _bar():
@@ -380,47 +357,6 @@ def bench(
 # ---- read back ---------------------------------------------------------------------------
 
 
-def _open_store(db: str | None):
-    from vlmtag.errors import VlmtagError
-    from vlmtag.store import Store, default_db_path
-
-    try:
-        return Store.open(db or default_db_path(), create=False)
-    except VlmtagError as exc:
-        _fail(str(exc), exc.exit_code)
-
-
-@cli.command()
-@db_option
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["jsonl", "json", "csv"]),
-    default="jsonl",
-    help="jsonl: one JSON object per line (default); json: one array; csv.",
-)
-@click.option("--model", default=None, help="Only annotations of this model.")
-@click.option(
-    "--out",
-    "out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Write to this file instead of standard output.",
-)
-def export(db: str | None, fmt: str, model: str | None, out: str | None) -> None:
-    """Export the latest tags and description of every present file."""
-    from vlmtag.export import write_rows
-
-    store = _open_store(db)
-    rows = store.latest_annotations(model=model)
-    if out:
-        with open(out, "w", encoding="utf-8", newline="") as fh:
-            count = write_rows(rows, fmt, fh)
-        click.echo(f"wrote {count} images to {out}", err=True)
-    else:
-        write_rows(rows, fmt, sys.stdout)
-
-
 @cli.command()
 @click.argument("path", type=click.Path())
 @db_option
@@ -429,11 +365,11 @@ def show(path: str, db: str | None, as_json: bool) -> None:
     """Show what is stored for one image: tags and description of each model."""
     import os
 
-    store = _open_store(db)
+    store = open_store(db)
     path = os.path.abspath(path)
     file_row = store.file_row(path)
     if file_row is None:
-        _fail(f"{path} is not in the database; tag it first with `vlmtag tag {path}`", 1)
+        fail(f"{path} is not in the database; tag it first with `vlmtag tag {path}`", 1)
     annotations = store.annotations_for_path(path)
     if as_json:
         payload = {
@@ -460,7 +396,7 @@ def show(path: str, db: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def failures(db: str | None, as_json: bool) -> None:
     """List images that failed, with the stage and the reason. Retry: tag --retry-failed."""
-    store = _open_store(db)
+    store = open_store(db)
     rows = store.failures()
     if as_json:
         click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
@@ -471,9 +407,33 @@ def failures(db: str | None, as_json: bool) -> None:
         click.echo("no failures", err=True)
 
 
+def _register_commands() -> None:
+    """Commands that live in their own modules (they import only click at the top)."""
+    from importlib import import_module
+
+    for module, names in COMMAND_MODULES:
+        try:
+            mod = import_module(module)
+        except ModuleNotFoundError as exc:  # pragma: no cover - a broken install
+            if exc.name != module:
+                raise
+            continue
+        for name in names:
+            cli.add_command(getattr(mod, name))
+
+
+# (module, click commands it defines), registered on the `vlmtag` group.
+COMMAND_MODULES: list[tuple[str, list[str]]] = [
+    ("vlmtag.cli_find", ["search", "tags"]),
+    ("vlmtag.cli_export", ["export"]),
+]
+
+
 def main() -> None:
     cli(prog_name="vlmtag")
 
+
+_register_commands()
 
 if __name__ == "__main__":
     main()

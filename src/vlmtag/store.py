@@ -96,6 +96,23 @@ MIGRATIONS: list[str] = [
         UNIQUE (path, backend, model, prompt_key)
     );
     """,
+    # 2: what people change in the vocabulary, and text embeddings for semantic search
+    """
+    CREATE TABLE tag_edits (
+        id INTEGER PRIMARY KEY,
+        action TEXT NOT NULL,
+        old TEXT NOT NULL,
+        new TEXT,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE embeddings (
+        annotation_id INTEGER PRIMARY KEY REFERENCES annotations(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        text_hash TEXT NOT NULL,
+        dim INTEGER NOT NULL,
+        vector BLOB NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
