@@ -108,6 +108,9 @@ def make_client(
     return httpx.AsyncClient(
         base_url=base_url,
         headers=headers,
+        # Loading the CA bundle costs ~0.15 s at every start; a plain-http server (the
+        # usual local Ollama or vLLM) never needs it.
+        verify=base_url.lower().startswith("https:"),
         timeout=request_timeout(timeout),
         limits=httpx.Limits(
             max_connections=max(connections, 1),
