@@ -109,9 +109,7 @@ async def run_bench(
         report = result.summary()
         report["images"] = len(paths)
         report["synthetic"] = image_path is None
-        server = server_seconds(db)
-        if server:
-            report["server_seconds"] = round(server, 3)
+        report["server_seconds"] = round(server_seconds(db), 3)
         if simulate:
             slots, seconds = simulate
             ideal = math.ceil(result.tagged / slots) * seconds if result.tagged else 0.0

@@ -18,6 +18,7 @@ from vlmtag.cli_common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
+    EXIT_USAGE,
     db_option,
     fail,
     friendly_errors,
@@ -343,7 +344,7 @@ def bench(
         return
     report["db"] = "(temporary)"
     _render_summary(report)
-    if "server_seconds" in report:
+    if report["server_seconds"]:
         click.echo(f"server time (sum over requests): {report['server_seconds']:.2f} s")
     if "ideal_seconds" in report:
         sim = report["simulated"]
@@ -355,6 +356,54 @@ def bench(
 
 
 # ---- read back ---------------------------------------------------------------------------
+
+
+@cli.command()
+@model_options
+@click.option("--no-parallel", is_flag=True, help="Do not measure parallelism (one request).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+@friendly_errors
+def doctor(ctx: click.Context, no_parallel: bool, as_json: bool, **flags: Any) -> None:
+    """Check the server and model, measure how many requests it runs at once, advise settings.
+
+    Sends a few small test images (at most 1 + 2 + 4 + ... + 32 requests).
+    """
+    from vlmtag.doctor import examine
+    from vlmtag.prompts import build_request
+    from vlmtag.tagging import make_backends
+
+    settings = _settings(ctx, [], flags)
+    request = build_request(
+        tag_count=settings.tag_count,
+        description=settings.description is not False,
+        language=settings.language,
+    )
+
+    async def check_all():
+        reports = []
+        for backend in make_backends(settings):
+            try:
+                reports.append(await examine(backend, request, measure_parallel=not no_parallel))
+            finally:
+                await backend.close()
+        return reports
+
+    reports = _run(check_all())
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in reports], ensure_ascii=False, indent=2))
+    for r in reports if not as_json else []:
+        click.echo(f"{r.server} ({r.backend}, {r.model})")
+        for what, ok, detail in r.checks:
+            click.echo(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
+        if r.latency is not None:
+            rates = ", ".join(f"{n}: {v:.2f}/s" for n, v in r.throughput.items())
+            click.echo(f"  latency {r.latency:.2f} s; images/s by requests in flight: {rates}")
+            click.echo(f"  runs {r.parallel} at once" + (f"; model {r.gpu}" if r.gpu else ""))
+        for line in r.advice:
+            click.echo(f"  advice: {line}")
+    if any(not ok for r in reports for _, ok, _ in r.checks):
+        ctx.exit(EXIT_USAGE)
 
 
 @cli.command()

@@ -1,0 +1,150 @@
+"""`vlmtag doctor`: check a server and measure how many requests it really runs at once.
+
+It checks the server answers and the model exists with vision (the backend's own start
+check), sends one image to see the latency, then 2, 4, 8... at once while the throughput
+keeps growing, asks Ollama whether the model sits in GPU memory (/api/ps), and recommends
+settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmtag.backends.base import Backend, PreparedImage, Request
+
+MAX_PROBE = 32  # most requests sent at once while measuring
+GAIN_TO_GO_ON = 1.3  # keep doubling while throughput grows at least this much
+
+
+@dataclass
+class Report:
+    server: str
+    backend: str
+    model: str
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)  # (what, ok, detail)
+    latency: float | None = None
+    throughput: dict[int, float] = field(default_factory=dict)  # in flight -> images/s
+    parallel: int | None = None
+    gpu: str | None = None
+    advice: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "server": self.server,
+            "backend": self.backend,
+            "model": self.model,
+            "checks": [{"check": c, "ok": ok, "detail": d} for c, ok, d in self.checks],
+            "latency_seconds": self.latency,
+            "images_per_second_by_in_flight": self.throughput,
+            "parallel": self.parallel,
+            "gpu": self.gpu,
+            "advice": self.advice,
+        }
+
+
+def probe_image(size: tuple[int, int] = (512, 384)) -> PreparedImage:
+    """A small photo-like JPEG (gradient and shapes) to send while measuring."""
+    from PIL import Image, ImageDraw
+
+    image = Image.linear_gradient("L").resize(size).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((60, 60, 220, 220), fill=(200, 60, 40))
+    draw.rectangle((300, 120, 460, 320), fill=(40, 90, 200))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=90)
+    return PreparedImage(out.getvalue(), "image/jpeg", *size, *size)
+
+
+async def measure(backend: Backend, request: Request, image: PreparedImage, n: int) -> float:
+    """Send n requests at once; return images per second."""
+    t0 = time.perf_counter()
+    await asyncio.gather(*(backend.infer(image, request) for _ in range(n)))
+    return n / (time.perf_counter() - t0)
+
+
+async def examine(backend: Backend, request: Request, *, measure_parallel: bool = True) -> Report:
+    from vlmtag.errors import VlmtagError
+
+    report = Report(getattr(backend, "base_url", "(in process)"), backend.name, backend.model)
+    try:
+        await backend.start()
+    except VlmtagError as exc:
+        report.checks.append(("server and model", False, str(exc)))
+        return report
+    report.model = backend.model
+    report.checks.append(("server and model", True, f"{backend.model} answers and has vision"))
+    image = probe_image()
+    t0 = time.perf_counter()
+    try:
+        await backend.infer(image, request)  # also loads the model: not timed as latency
+    except Exception as exc:  # any failure here is what the user needs to see
+        report.checks.append(("first answer", False, str(exc)))
+        return report
+    first = time.perf_counter() - t0
+    report.checks.append(("first answer", True, f"{first:.2f} s (includes loading the model)"))
+    t0 = time.perf_counter()
+    await backend.infer(image, request)
+    report.latency = round(time.perf_counter() - t0, 3)
+    report.throughput[1] = round(1 / report.latency, 3) if report.latency else 0.0
+    report.parallel = 1
+    if measure_parallel:
+        n = 2
+        while n <= MAX_PROBE:
+            rate = await measure(backend, request, image, n)
+            report.throughput[n] = round(rate, 3)
+            if rate < report.throughput[n // 2] * GAIN_TO_GO_ON:
+                break
+            report.parallel = n
+            n *= 2
+    report.gpu = await ollama_gpu(backend)
+    report.advice = advise(report)
+    return report
+
+
+async def ollama_gpu(backend: Backend) -> str | None:
+    """Ollama's /api/ps says how much of each loaded model sits in GPU memory."""
+    if backend.name != "ollama":
+        return None
+    import httpx
+
+    try:
+        async with httpx.AsyncClient(base_url=backend.base_url, timeout=10) as client:
+            models = (await client.get("/api/ps")).json().get("models", [])
+    except (httpx.HTTPError, ValueError):
+        return None
+    for m in models:
+        if m.get("name") == backend.model or m.get("model") == backend.model:
+            size, vram = m.get("size") or 0, m.get("size_vram") or 0
+            if not vram:
+                return "on the CPU only (no GPU memory used): expect tens of seconds per image"
+            share = vram / size if size else 1.0
+            return f"{share:.0%} in GPU memory ({vram / 2**30:.1f} GiB)"
+    return None
+
+
+def advise(report: Report) -> list[str]:
+    advice = []
+    parallel = report.parallel or 1
+    if report.backend == "ollama" and parallel == 1:
+        advice.append(
+            "the server runs one request at a time: --workers auto (the default) keeps it "
+            "busy; to run more at once set OLLAMA_NUM_PARALLEL=4 before `ollama serve` "
+            "(qwen2.5vl can run in parallel; qwen3-vl runs one at a time in Ollama)"
+        )
+    else:
+        advice.append(f"the server ran {parallel} requests at once: --workers auto finds this")
+    if report.latency and report.latency > 10:
+        advice.append(
+            "each image takes over 10 s: try --preset fast (a smaller model, 256 px) "
+            "or check the model runs on the GPU"
+        )
+    if report.gpu and "CPU only" in report.gpu:
+        advice.append("the model is not on a GPU: check `nvidia-smi` and Ollama's logs")
+    if report.latency:
+        rate = report.throughput.get(parallel, 1 / report.latency)
+        advice.append(f"expect about {rate:.1f} images/s ({3600 * rate:.0f} an hour)")
+    return advice
