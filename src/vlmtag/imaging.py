@@ -10,6 +10,7 @@ import io
 import os
 import re
 import threading
+import warnings
 from typing import IO
 
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -47,7 +48,7 @@ _SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, KeyError)
 
 _setup_lock = threading.Lock()
-_heif_state: dict[str, bool] = {}  # "ready" once the HEIF opener is registered (or failed)
+_heif_state: dict[str, bool] = {}  # "ready": HEIF opener registered; "quiet": warning muted
 
 
 def fit_within(size: tuple[int, int], box: tuple[int, int]) -> tuple[int, int]:
@@ -243,6 +244,11 @@ def _allow_pillow_up_to(max_pixels: int) -> None:
     raised to match a caller's larger limit, never lowered or disabled: its hard stop at
     2x stays as a second line for formats that allocate while reading the header (WebP).
     """
+    if not _heif_state.get("quiet"):
+        # Our own check refuses such images with a clear per-file failure; Pillow's warning
+        # would only print a Python warning on stderr just before it.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        _heif_state["quiet"] = True
     current = Image.MAX_IMAGE_PIXELS
     if current is None or current >= max_pixels:
         return
