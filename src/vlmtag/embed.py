@@ -1,0 +1,397 @@
+"""Write keywords and a description into the image files themselves, through exiftool.
+
+One exiftool process serves the whole run (-stay_open, arguments on stdin): starting Perl per
+image would cost more than the writing. Each image's metadata is read first, in chunks, merged
+by the sidecar rule (xmp.plan_keywords: a person's keywords stay, vlmtag's stale ones go), and
+only what changes is written. exiftool rewrites metadata only, never the image data, and keeps
+the original as photo.jpg_original unless told to overwrite it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vlmtag import xmp
+from vlmtag.errors import SetupError
+from vlmtag.export import Outcome, xmp_metadata
+
+INSTALL_HINT = (
+    "install exiftool: apt install libimage-exiftool-perl (Debian, Ubuntu), "
+    "brew install exiftool (macOS), or see https://exiftool.org"
+)
+READ_CHUNK = 100  # images whose metadata one exiftool command reads
+COMMAND_TIMEOUT_S = 120.0  # one command (a chunk read, or one image written) taking longer is hung
+IPTC_KEYWORD_BYTES = 64  # IPTC-IIM's limit; exiftool cuts longer ones, so ours are cut the same
+# IPTC-IIM is standard in JPEG and TIFF only (exiftool warns "non-standard IPTC" elsewhere).
+IPTC_SUFFIXES = frozenset({".jpg", ".jpeg", ".tif", ".tiff"})
+
+# exiftool learns the vlmtag XMP namespace from this config, so it can write our bookkeeping.
+CONFIG = f"""
+%Image::ExifTool::UserDefined = (
+    'Image::ExifTool::XMP::Main' => {{
+        vlmtag => {{ SubDirectory => {{ TagTable => 'Image::ExifTool::UserDefined::vlmtag' }} }},
+    }},
+);
+%Image::ExifTool::UserDefined::vlmtag = (
+    GROUPS => {{ 0 => 'XMP', 1 => 'XMP-vlmtag', 2 => 'Image' }},
+    NAMESPACE => {{ 'vlmtag' => '{xmp.VLMTAG}' }},
+    WRITABLE => 'string',
+    keywords => {{ List => 'Bag' }},
+    removedKeywords => {{ List => 'Bag' }},
+    descriptionDigest => {{ }},
+    model => {{ }},
+);
+1;
+"""
+# What is read from each image, as exiftool names it with -G1.
+READ_TAGS = (
+    "IPTC:Keywords",
+    "XMP-dc:Subject",
+    "XMP-lr:HierarchicalSubject",
+    "XMP-digiKam:TagsList",
+    "XMP-dc:Description",
+    "XMP-vlmtag:Keywords",
+    "XMP-vlmtag:RemovedKeywords",
+    "XMP-vlmtag:DescriptionDigest",
+    "XMP-vlmtag:Model",
+)
+
+
+class ExifToolError(Exception):
+    """The exiftool process hung or died; the images of that command failed."""
+
+
+class ExifTool:
+    """One exiftool process in batch mode. Use as a context manager."""
+
+    def __init__(self, executable: str = "exiftool", *, timeout: float = COMMAND_TIMEOUT_S):
+        self.executable = executable
+        self.timeout = timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._config: str | None = None
+        self._seq = 0
+        self.version = ""
+
+    def __enter__(self) -> ExifTool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> None:
+        path = shutil.which(self.executable)
+        if path is None:
+            raise SetupError(f"--embed needs exiftool, which was not found; {INSTALL_HINT}")
+        if self._config is None:
+            fd, self._config = tempfile.mkstemp(prefix="vlmtag-exiftool-", suffix=".config")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(CONFIG)
+        try:
+            self._proc = subprocess.Popen(
+                [path, "-config", self._config, "-stay_open", "True", "-@", "-"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        except OSError as exc:
+            raise SetupError(f"cannot run {path}: {exc}; {INSTALL_HINT}") from exc
+        # One reader per pipe: a full stderr pipe must never stall exiftool while we read stdout.
+        self._lines = (queue.SimpleQueue(), queue.SimpleQueue())
+        for pipe, lines in zip((self._proc.stdout, self._proc.stderr), self._lines, strict=True):
+            threading.Thread(target=_pump, args=(pipe, lines), daemon=True).start()
+        try:
+            self.version = self.execute(["-ver"])[0].strip()
+        except ExifToolError as exc:
+            raise SetupError(f"{path} does not work ({exc}); {INSTALL_HINT}") from exc
+
+    def execute(self, args: Iterable[str]) -> tuple[str, str]:
+        """Run one exiftool command; its (stdout, stderr)."""
+        if self._proc is None or self._proc.poll() is not None:
+            raise ExifToolError("exiftool is not running")
+        self._seq += 1
+        ready = f"{{ready{self._seq}}}"
+        text = "".join(map(_arg_line, [*args, "-echo4", ready])) + f"-execute{self._seq}\n"
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(text.encode("utf-8", "surrogateescape"))
+            self._proc.stdin.flush()
+            return self._until(self._lines[0], ready), self._until(self._lines[1], ready)
+        except (OSError, ExifToolError) as exc:
+            self._kill()
+            raise ExifToolError(str(exc) or "exiftool stopped") from exc
+
+    def restart(self) -> None:
+        self._kill()
+        self.start()
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                assert proc.stdin is not None
+                proc.stdin.write(b"-stay_open\nFalse\n")
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._config is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._config)
+            self._config = None
+
+    def _until(self, lines: queue.SimpleQueue[str | None], ready: str) -> str:
+        got: list[str] = []
+        while True:
+            try:
+                line = lines.get(timeout=self.timeout)
+            except queue.Empty:
+                raise ExifToolError(f"exiftool gave no answer in {self.timeout:.0f} s") from None
+            if line is None:
+                raise ExifToolError("exiftool stopped")
+            if line.rstrip("\r\n") == ready:
+                return "".join(got)
+            got.append(line)
+
+    def _kill(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _pump(pipe: Any, lines: queue.SimpleQueue[str | None]) -> None:
+    for raw in iter(pipe.readline, b""):
+        lines.put(raw.decode("utf-8", "replace"))
+    lines.put(None)
+
+
+def _arg_line(arg: str) -> str:
+    """One argument as a line of exiftool's -@ file: as a C string, so spaces at either end,
+    backslashes and line breaks survive, and a leading '#' is not a comment."""
+    escaped = (
+        arg.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    )
+    return f"#[CSTR]{escaped}\n"
+
+
+# ---- the merge ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Change:
+    """The tags to write into one image (tag name -> new list or value; None deletes)."""
+
+    tags: dict[str, list[str] | str | None]
+
+    def args(self) -> list[str]:
+        out: list[str] = []
+        for name, value in self.tags.items():
+            values = value if isinstance(value, list) else [] if value is None else [value]
+            out.extend([f"-{name}={v}" for v in values] or [f"-{name}="])
+        return out
+
+
+def plan_change(image: str, current: dict[str, Any], meta: xmp.Metadata) -> Change:
+    """What to write so the image holds vlmtag's metadata by the merge rule, given what it has."""
+    lists = {name: _as_list(current.get(name)) for name in READ_TAGS}
+    plan = xmp.plan_keywords(
+        lists["XMP-dc:Subject"] + lists["IPTC:Keywords"],
+        lists["XMP-vlmtag:Keywords"],
+        lists["XMP-vlmtag:RemovedKeywords"],
+        meta.keywords,
+    )
+    # IPTC and XMP keywords are kept in step (as the Metadata Working Group asks): each gets
+    # the other's keywords too, so a reader that prefers one of them loses nothing.
+    subject = _union(lists["XMP-dc:Subject"], lists["IPTC:Keywords"])
+    wanted: dict[str, list[str] | str | None] = {
+        "XMP-dc:Subject": plan.apply(subject),
+        "XMP-lr:HierarchicalSubject": plan.apply(lists["XMP-lr:HierarchicalSubject"]),
+        "XMP-vlmtag:Keywords": plan.ours,
+        "XMP-vlmtag:RemovedKeywords": plan.removed,
+    }
+    if "XMP-digiKam:TagsList" in current:  # digiKam reads this list first when it is there
+        wanted["XMP-digiKam:TagsList"] = plan.apply(lists["XMP-digiKam:TagsList"])
+    if os.path.splitext(image)[1].lower() in IPTC_SUFFIXES:
+        iptc = _union(lists["IPTC:Keywords"], map(_iptc_keyword, lists["XMP-dc:Subject"]))
+        wanted["IPTC:Keywords"] = plan.apply(iptc, fit=_iptc_keyword)
+    description = _as_text(current.get("XMP-dc:Description"))
+    ours = _as_text(current.get("XMP-vlmtag:DescriptionDigest"))
+    if xmp.choose_description(description, ours):
+        wanted["XMP-dc:Description"] = meta.description
+        wanted["XMP-vlmtag:DescriptionDigest"] = (
+            None if meta.description is None else xmp.digest(meta.description)
+        )
+    elif ours is not None:
+        wanted["XMP-vlmtag:DescriptionDigest"] = None  # the description is a person's now
+    wanted["XMP-vlmtag:Model"] = meta.model
+    changed = {k: v for k, v in wanted.items() if _normal(v) != _normal(current.get(k))}
+    if "IPTC:Keywords" in changed:
+        # Without it exiftool writes IPTC as Latin-1, and any other script as '?'.
+        changed = {"IPTC:CodedCharacterSet": "UTF8", **changed}
+    return Change(changed)
+
+
+def _union(first: Iterable[str], second: Iterable[str]) -> list[str]:
+    """first, then what second adds (compared case-insensitively)."""
+    out = list(first)
+    seen = {v.casefold() for v in out}
+    for value in second:
+        if value.casefold() not in seen:
+            seen.add(value.casefold())
+            out.append(value)
+    return out
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _as_text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _normal(value: Any) -> list[str]:
+    values = _as_list(value)
+    return [] if values == [""] else values
+
+
+def _iptc_keyword(keyword: str) -> str:
+    data = keyword.encode("utf-8")[:IPTC_KEYWORD_BYTES]
+    return data.decode("utf-8", "ignore")
+
+
+# ---- the run -----------------------------------------------------------------------------
+
+
+def embed(
+    rows: Iterable[dict[str, Any]],
+    exiftool: ExifTool,
+    *,
+    store: Any = None,
+    overwrite_original: bool = False,
+    dry_run: bool = False,
+) -> Iterator[Outcome]:
+    """Write each row's keywords and description into its image; yield what happened to each.
+
+    With a store, an image the store knows as it is now (same size and modification time)
+    keeps its identity: after writing, the store records the file's new size under its old
+    content id, because a metadata edit is not a new picture, so the next `vlmtag tag` does not
+    send it to the model again. An image changed since it was tagged gets the stored tags all
+    the same (as a sidecar would) and is identified afresh by the next scan.
+    """
+    keeper = _IdentityKeeper(store) if store is not None and not dry_run else None
+    try:
+        chunk: list[dict[str, Any]] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= READ_CHUNK:
+                yield from _embed_chunk(chunk, exiftool, keeper, overwrite_original, dry_run)
+                chunk = []
+        if chunk:
+            yield from _embed_chunk(chunk, exiftool, keeper, overwrite_original, dry_run)
+    finally:
+        if keeper is not None:
+            keeper.close()
+
+
+def _embed_chunk(chunk, exiftool: ExifTool, keeper, overwrite: bool, dry_run: bool):
+    ready: list[tuple[dict[str, Any], bool]] = []  # (row, whether the store knows it as it is)
+    for row in chunk:
+        try:
+            st = os.stat(row["path"])
+        except OSError as exc:
+            yield Outcome(row["path"], row["path"], "failed", exc.strerror or str(exc))
+            continue
+        ready.append((row, keeper is not None and keeper.unchanged(row, st)))
+    if not ready:
+        return
+    try:
+        current = _read(exiftool, [row["path"] for row, _ in ready])
+    except ExifToolError as exc:
+        for row, _ in ready:
+            yield Outcome(row["path"], row["path"], "failed", f"reading its metadata: {exc}")
+        exiftool.restart()
+        return
+    for row, known in ready:
+        yield _embed_one(row, current, exiftool, keeper if known else None, overwrite, dry_run)
+
+
+def _read(exiftool: ExifTool, paths: list[str]) -> dict[str, dict[str, Any]]:
+    out, _ = exiftool.execute(["-j", "-G1", *(f"-{t}" for t in READ_TAGS), *paths])
+    if not out.strip():
+        return {}
+    # Keep numbers as written: a keyword "1.50" must not come back as 1.5.
+    entries = json.loads(out, parse_int=str, parse_float=str)
+    return {e["SourceFile"]: e for e in entries}
+
+
+def _embed_one(row, current, exiftool: ExifTool, keeper, overwrite: bool, dry_run: bool):
+    image = row["path"]
+    found = current.get(image)
+    if found is None or "ExifTool:Error" in found:
+        reason = (found or {}).get("ExifTool:Error", "exiftool could not read it")
+        return Outcome(image, image, "failed", str(reason))
+    change = plan_change(image, found, xmp_metadata(row))
+    if not change.tags:
+        return Outcome(image, image, "unchanged")
+    if dry_run:
+        return Outcome(image, image, "updated")
+    options = ["-P", "-overwrite_original"] if overwrite else ["-P"]
+    try:
+        out, err = exiftool.execute([*options, *change.args(), image])
+    except ExifToolError as exc:
+        exiftool.restart()
+        return Outcome(image, image, "failed", str(exc))
+    if "1 image files updated" not in out:
+        errors = [line for line in err.splitlines() if line.startswith("Error")]
+        return Outcome(image, image, "failed", (errors or [out.strip() or "not written"])[0])
+    if keeper is not None:
+        keeper.record(row, image)
+    return Outcome(image, image, "updated")
+
+
+class _IdentityKeeper:
+    """Tells the store that a file whose metadata vlmtag rewrote is still the same image."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        self.writer = None
+
+    def unchanged(self, row: dict[str, Any], st: os.stat_result) -> bool:
+        known = self.store.file_row(row["path"])
+        return (
+            known is not None
+            and known["content_id"] == row["content_id"]
+            and known["size"] == st.st_size
+            and known["mtime_ns"] == st.st_mtime_ns
+        )
+
+    def record(self, row: dict[str, Any], path: str) -> None:
+        from vlmtag.store import FileSeen
+
+        try:
+            st = os.stat(path)
+        except OSError:
+            return  # gone already: the next scan finds out
+        if self.writer is None:
+            self.writer = self.store.writer()
+        self.writer.put(FileSeen(path, st.st_size, st.st_mtime_ns, row["content_id"]))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,481 @@
+"""vlmtag export: streams, captions, XMP sidecars and --embed, on real photos, a real SQLite
+store and the real exiftool; hostile tags, odd names and links in the way."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from fakeserver import FakeServer
+from vlmtag.cli import cli
+from vlmtag.export import Placement, UnsafePath, common_folder
+from vlmtag.scan import content_id
+from vlmtag.store import AnnotationRow, FileSeen, Store
+
+needs_exiftool = pytest.mark.skipif(
+    shutil.which("exiftool") is None, reason="exiftool not installed (libimage-exiftool-perl)"
+)
+HOSTILE = [
+    'say "hi"',
+    "<script>alert(1)</script>",
+    "=cmd|' /C calc'!A0",
+    "two\nlines",
+    "comma, inside",
+    "\u202eevil\u200f",
+]
+NAMES = {  # library file -> the photo it is a copy of
+    "cat.jpg": "chelsea.jpg",
+    "coffee.jpg": "coffee.jpg",
+    "sub dir/café ☕.jpg": "coffee.jpg",
+    "sub dir/deeper/rocket 🚀.jpg": "rocket.jpg",
+    "horse.png": "horse.png",
+}
+
+
+class Library:
+    """A folder of real photos and a vlmtag database that knows them."""
+
+    def __init__(self, tmp_path: Path, photos_dir: Path, names: dict[str, str] = NAMES):
+        self.root = tmp_path / "Pictures"
+        self.db = tmp_path / "vlmtag.db"
+        self.paths: dict[str, Path] = {}
+        for name, source in names.items():
+            path = self.root / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(photos_dir / source, path)
+            self.paths[name] = path
+        self.store = Store.open(self.db)
+        self.run_id = self.store.start_run("ollama", "qwen3-vl:4b", "pk1", {})
+
+    def tag(self, name: str, tags: list[str], description: str | None = None, model="qwen3-vl:4b"):
+        """Store an annotation of one file, as `vlmtag tag` would."""
+        path = self.paths[name]
+        data = path.read_bytes()
+        st = path.stat()
+        cid = content_id(data)
+        writer = self.store.writer()
+        writer.put(FileSeen(str(path), st.st_size, st.st_mtime_ns, cid))
+        writer.put(
+            AnnotationRow(
+                cid,
+                "ollama",
+                model,
+                "pk1",
+                "en",
+                [(t, None) for t in tags],
+                description,
+                "{}",
+                {},
+                self.run_id,
+                path=str(path),
+            )  # fmt: skip
+        )
+        writer.close()
+
+    def tag_all(self, tags: list[str], description: str | None = "A photo."):
+        for name in self.paths:
+            self.tag(name, tags, description)
+
+    def export(self, *args: str):
+        result = CliRunner().invoke(cli, ["export", *args, "--db", str(self.db)])
+        if result.exception and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return result
+
+
+@pytest.fixture
+def lib(tmp_path, photos_dir) -> Library:
+    return Library(tmp_path, photos_dir)
+
+
+def exiftool_json(*paths: Path, tags=("-XMP-dc:Subject", "-XMP-dc:Description")) -> list[dict]:
+    out = subprocess.run(
+        ["exiftool", "-j", "-G1", *tags, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    found = json.loads(out.stdout)
+    for entry in found:
+        for key, value in entry.items():
+            if key != "SourceFile" and key.endswith(("Subject", "Keywords", "TagsList")):
+                entry[key] = value if isinstance(value, list) else [value]
+    return found
+
+
+def pixels(path: Path) -> bytes:
+    with Image.open(path) as im:
+        return im.tobytes()
+
+
+# ---- streams ---------------------------------------------------------------------------
+
+
+def test_jsonl_json_and_csv_carry_hostile_tags_as_data(lib):
+    lib.tag("cat.jpg", [*HOSTILE, "line\u2028sep"], '=HYPERLINK("http://x")\nsecond line')
+    jsonl = lib.export("--format", "jsonl")
+    assert jsonl.exit_code == 0, jsonl.stderr
+    lines = jsonl.stdout.splitlines()  # splitlines breaks at U+2028 too: it must be escaped
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["tags"] == [*HOSTILE, "line\u2028sep"]
+    assert "written 1, skipped 0, failed 0" in jsonl.stderr
+
+    array = json.loads(lib.export("--format", "json").stdout)
+    assert array[0]["description"].startswith("=HYPERLINK")
+
+    out = lib.db.parent / "tags.csv"
+    assert lib.export("--format", "csv", "--out", str(out)).exit_code == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text("utf-8"), newline="")))
+    assert len(rows) == 1
+    assert rows[0]["description"] == '\'=HYPERLINK("http://x")\nsecond line'  # defused
+    assert rows[0]["tags"].split(", ")[:2] == ['say "hi"', "<script>alert(1)</script>"]
+
+
+def test_a_stream_to_a_folder_and_files_to_a_file_are_refused(lib, tmp_path):
+    lib.tag_all(["cat"])
+    result = lib.export("--format", "jsonl", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "is a folder" in result.stderr
+    result = lib.export("--format", "xmp", "--out", str(lib.db))
+    assert result.exit_code == 2 and "is a file" in result.stderr
+    result = lib.export("--format", "csv", "--caption", "description")
+    assert result.exit_code == 2 and "--caption does not apply" in result.stderr
+
+
+# ---- txt captions ----------------------------------------------------------------------
+
+
+def test_txt_captions_beside_the_images_one_line_each(lib):
+    lib.tag_all(["cat", *HOSTILE], "A cat.\nOn a sofa.")
+    result = lib.export(str(lib.root), "--format", "txt")
+    assert result.exit_code == 0, result.stderr
+    caption = (lib.root / "sub dir" / "café ☕.txt").read_text("utf-8")
+    assert caption.count("\n") == 1 and caption.endswith("\n")
+    assert caption.rstrip("\n").split(", ") == [
+        "cat", 'say "hi"', "<script>alert(1)</script>", "=cmd|' /C calc'!A0",
+        "two lines", "comma inside", "\u202eevil\u200f",
+    ]  # fmt: skip
+    assert "written 5, skipped 0, failed 0" in result.stderr
+
+    described = lib.export(str(lib.root), "--format", "txt", "--caption", "description")
+    assert described.exit_code == 0
+    assert (lib.root / "cat.txt").read_text("utf-8") == "A cat. On a sofa.\n"
+
+
+def test_txt_overwrites_a_caption_unless_told_to_skip_existing(lib):
+    lib.tag_all(["cat"])
+    mine = lib.root / "cat.txt"
+    mine.write_text("my hand-written caption\n", "utf-8")
+    kept = lib.export(str(lib.root), "--format", "txt", "--skip-existing")
+    assert kept.exit_code == 0 and "written 4, skipped 1" in kept.stderr
+    assert mine.read_text("utf-8") == "my hand-written caption\n"
+    lib.export(str(lib.root), "--format", "txt")
+    assert mine.read_text("utf-8") == "cat\n"
+    again = lib.export(str(lib.root), "--format", "txt")
+    assert "written 0, skipped 5" in again.stderr  # unchanged files are not rewritten
+
+
+def test_out_dir_mirrors_the_tree_below_the_common_folder(lib, tmp_path):
+    lib.tag_all(["cat"])
+    out = tmp_path / "captions"
+    result = lib.export("--format", "txt", "--out", str(out))  # no FOLDER: the common root
+    assert result.exit_code == 0, result.stderr
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*.txt"))
+    assert written == [
+        "cat.txt", "coffee.txt", "horse.txt", "sub dir/café ☕.txt", "sub dir/deeper/rocket 🚀.txt"
+    ]  # fmt: skip
+    assert not list(lib.root.rglob("*.txt"))
+
+    below = tmp_path / "below"
+    lib.export(str(lib.root / "sub dir"), "--format", "txt", "--out", str(below))
+    assert sorted(str(p.relative_to(below)) for p in below.rglob("*.txt")) == [
+        "café ☕.txt", "deeper/rocket 🚀.txt"
+    ]  # fmt: skip
+
+
+def test_dry_run_lists_and_writes_nothing(lib, tmp_path):
+    lib.tag_all(["cat"])
+    result = lib.export(str(lib.root), "--format", "xmp", "--dry-run")
+    assert result.exit_code == 0
+    listed = sorted(line.split("\t")[1] for line in result.stdout.splitlines())
+    assert listed == sorted(f"{p}.xmp" for p in lib.paths.values())
+    assert "would write 5" in result.stderr
+    assert not list(lib.root.rglob("*.xmp"))
+    lib.export(str(lib.root), "--format", "txt", "--out", str(tmp_path / "x"), "--dry-run")
+    assert not (tmp_path / "x").exists()
+
+
+# ---- XMP sidecars ----------------------------------------------------------------------
+
+
+@needs_exiftool
+def test_xmp_sidecars_are_read_back_by_exiftool(lib):
+    lib.tag_all(["cat", *HOSTILE, "日本"], 'A "cat" <on> a sofa & more.')
+    result = lib.export(str(lib.root), "--format", "xmp")
+    assert result.exit_code == 0, result.stderr
+    sidecars = sorted(lib.root.rglob("*.xmp"))
+    assert [p.name for p in sidecars] == [
+        "cat.jpg.xmp", "coffee.jpg.xmp", "horse.png.xmp", "café ☕.jpg.xmp", "rocket 🚀.jpg.xmp"
+    ]  # fmt: skip
+    for found in exiftool_json(*sidecars, tags=("-XMP-dc:all", "-XMP-lr:all")):
+        assert found["XMP-dc:Subject"] == [
+            "cat", 'say "hi"', "<script>alert(1)</script>", "=cmd/' /C calc'!A0", "two lines",
+            "comma, inside", "\u202eevil\u200f", "日本",
+        ]  # fmt: skip
+        assert found["XMP-lr:HierarchicalSubject"] == found["XMP-dc:Subject"]
+        assert found["XMP-dc:Description"] == 'A "cat" <on> a sofa & more.'
+
+
+@needs_exiftool
+def test_an_existing_sidecar_keeps_its_own_keywords_and_loses_only_stale_machine_ones(lib):
+    photo = lib.paths["cat.jpg"]
+    sidecar = lib.root / "cat.xmp"  # Lightroom naming
+    subprocess.run(
+        ["exiftool", "-q", "-XMP-dc:Subject=grandma", "-XMP-xmp:Rating=5", "-o", str(sidecar),
+         str(photo)],
+        check=True,
+    )  # fmt: skip
+    lib.tag("cat.jpg", ["cat", "sofa"], "A cat.")
+    first = lib.export(str(photo), "--format", "xmp", "--sidecar-name", "photo.xmp")
+    assert first.exit_code == 0, first.stderr
+    found = exiftool_json(sidecar, tags=("-XMP-dc:Subject", "-XMP-xmp:Rating"))[0]
+    assert found["XMP-dc:Subject"] == ["grandma", "cat", "sofa"]
+    assert found["XMP-xmp:Rating"] == 5
+
+    lib.tag("cat.jpg", ["cat", "blanket"], "A cat on a blanket.", model="other-model")
+    again = lib.export(str(photo), "--format", "xmp", "--sidecar-name", "photo.xmp")
+    assert again.exit_code == 0, again.stderr
+    found = exiftool_json(sidecar, tags=("-XMP-dc:all", "-XMP-xmp:Rating"))[0]
+    assert found["XMP-dc:Subject"] == ["grandma", "cat", "blanket"]
+    assert found["XMP-dc:Description"] == "A cat on a blanket."
+    assert found["XMP-xmp:Rating"] == 5
+    assert not (lib.root / "cat.jpg.xmp").exists()
+
+
+def test_lightroom_names_clash_for_two_images_of_one_stem(tmp_path, photos_dir):
+    lib = Library(tmp_path, photos_dir, {"shot.jpg": "chelsea.jpg", "shot.png": "horse.png"})
+    lib.tag("shot.jpg", ["cat"])
+    lib.tag("shot.png", ["horse"])
+    result = lib.export(str(lib.root), "--format", "xmp", "--sidecar-name", "photo.xmp")
+    assert result.exit_code == 0
+    assert "shot.png" in result.stderr and "already belongs to" in result.stderr
+    assert "written 1, skipped 1" in result.stderr
+    assert b"<rdf:li>cat</rdf:li>" in (lib.root / "shot.xmp").read_bytes()
+
+
+def test_a_sidecar_that_is_not_xml_is_a_failure_left_untouched(lib):
+    lib.tag_all(["cat"])
+    broken = lib.root / "coffee.jpg.xmp"
+    broken.write_bytes(b"<x:xmpmeta half written")
+    result = lib.export(str(lib.root), "--format", "xmp")
+    assert result.exit_code == 1
+    assert (
+        f"failed: {lib.paths['coffee.jpg']}" in result.stderr and "not valid XML" in result.stderr
+    )
+    assert "written 4, skipped 0, failed 1" in result.stderr
+    assert broken.read_bytes() == b"<x:xmpmeta half written"
+
+
+# ---- path safety -----------------------------------------------------------------------
+
+
+def test_a_sidecar_that_is_a_link_is_refused_and_its_target_untouched(lib, tmp_path):
+    lib.tag_all(["cat"])
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("precious\n")
+    (lib.root / "cat.txt").symlink_to(elsewhere)
+    result = lib.export(str(lib.root), "--format", "txt")
+    assert result.exit_code == 1 and "symbolic link" in result.stderr
+    assert elsewhere.read_text() == "precious\n"
+    assert (lib.root / "cat.txt").is_symlink()
+
+
+def test_a_link_in_the_out_tree_cannot_lead_outside(lib, tmp_path):
+    lib.tag_all(["cat"])
+    out = tmp_path / "out"
+    outside = tmp_path / "outside"
+    out.mkdir()
+    outside.mkdir()
+    (out / "sub dir").symlink_to(outside, target_is_directory=True)
+    result = lib.export("--format", "txt", "--out", str(out))
+    assert result.exit_code == 1 and "leads outside" in result.stderr
+    assert not list(outside.rglob("*"))  # nothing written through the link
+    assert "written 3, skipped 0, failed 2" in result.stderr
+
+
+def test_placement_refuses_names_and_folders_that_climb_out(tmp_path):
+    out = tmp_path / "out"
+    placement = Placement(str(out), str(tmp_path / "root"))
+    assert placement.target(str(tmp_path / "root/a b/x.jpg"), "x.txt") == str(out / "a b/x.txt")
+    for image, name in [
+        (str(tmp_path / "elsewhere/x.jpg"), "x.txt"),  # not below the root
+        (str(tmp_path / "root/x.jpg"), "../x.txt"),
+        (str(tmp_path / "root/x.jpg"), ".."),
+    ]:
+        with pytest.raises(UnsafePath):
+            placement.target(image, name)
+    assert not (tmp_path / "x.txt").exists()
+    assert common_folder(["/a/b/c.jpg", "/a/b/d/e.jpg", "/a/bc/f.jpg"]) == "/a"
+
+
+def test_a_stored_path_with_dot_dot_is_refused(lib, tmp_path):
+    lib.tag_all(["cat"])
+    evil = str(lib.root) + "/../escape.jpg"
+    shutil.copy(lib.paths["cat.jpg"], tmp_path / "escape.jpg")
+    writer = lib.store.writer()
+    cid = content_id(lib.paths["cat.jpg"].read_bytes())
+    writer.put(FileSeen(evil, 1, 1, cid))
+    writer.close()
+    out = tmp_path / "out"
+    result = lib.export(str(lib.root), "--format", "txt", "--out", str(out))
+    assert not (tmp_path / "escape.txt").exists()
+    assert not (tmp_path / "out" / ".." / "escape.txt").exists()
+    assert result.exit_code == 1 and "written 5, skipped 0, failed 1" in result.stderr
+    assert "outside" in result.stderr
+    beside = lib.export(str(lib.root), "--format", "txt")
+    assert beside.exit_code == 1 and "written 5, skipped 0, failed 1" in beside.stderr
+    assert not (tmp_path / "escape.txt").exists()
+
+
+# ---- --embed ---------------------------------------------------------------------------
+
+
+@needs_exiftool
+def test_embed_writes_keywords_keeps_theirs_and_the_pixels_and_a_backup(lib):
+    photo = lib.paths["coffee.jpg"]
+    subprocess.run(
+        ["exiftool", "-q", "-overwrite_original", "-IPTC:Keywords=grandma",
+         "-IPTC:Keywords=Kitchen", str(photo)],
+        check=True,
+    )  # fmt: skip
+    before = {name: pixels(p) for name, p in lib.paths.items()}
+    original = photo.read_bytes()
+    lib.tag_all(["coffee", "kitchen", *HOSTILE, "a" * 80], "A cup of coffee.")
+    result = lib.export(str(lib.root), "--embed")
+    assert result.exit_code == 0, result.stderr
+    assert "written 5, skipped 0, failed 0" in result.stderr
+
+    found = exiftool_json(photo, tags=("-IPTC:Keywords", "-XMP-dc:all"))[0]
+    assert found["IPTC:Keywords"][:2] == ["grandma", "Kitchen"]  # theirs, first, as they were
+    assert "coffee" in found["IPTC:Keywords"] and "kitchen" not in found["IPTC:Keywords"]
+    assert "<script>alert(1)</script>" in found["IPTC:Keywords"]
+    assert "a" * 64 in found["IPTC:Keywords"]  # IPTC's limit
+    assert "grandma" in found["XMP-dc:Subject"] and "a" * 80 in found["XMP-dc:Subject"]
+    assert found["XMP-dc:Description"] == "A cup of coffee."
+    png = exiftool_json(lib.paths["horse.png"], tags=("-IPTC:Keywords", "-XMP-dc:Subject"))[0]
+    assert "IPTC:Keywords" not in png and "coffee" in png["XMP-dc:Subject"]  # no IPTC in PNG
+
+    for name, path in lib.paths.items():
+        assert pixels(path) == before[name], name
+        assert Path(f"{path}_original").exists()
+    assert Path(f"{photo}_original").read_bytes() == original
+
+
+@needs_exiftool
+def test_embed_again_replaces_stale_keywords_and_keeps_the_first_backup(lib):
+    photo = lib.paths["cat.jpg"]
+    original = photo.read_bytes()
+    lib.tag("cat.jpg", ["cat", "sofa"], "A cat.")
+    assert lib.export(str(photo), "--embed").exit_code == 0
+    subprocess.run(
+        ["exiftool", "-q", "-overwrite_original", "-XMP-dc:Subject+=Mittens",
+         "-IPTC:Keywords+=Mittens", str(photo)],
+        check=True,
+    )  # fmt: skip
+    lib.tag("cat.jpg", ["cat", "cushion"], "A cat on a cushion.")
+    result = lib.export(str(photo), "--embed")
+    assert result.exit_code == 0, result.stderr
+    found = exiftool_json(photo, tags=("-IPTC:Keywords", "-XMP-dc:Subject"))[0]
+    assert found["IPTC:Keywords"] == ["cat", "Mittens", "cushion"]
+    assert found["XMP-dc:Subject"] == ["cat", "Mittens", "cushion"]
+    assert Path(f"{photo}_original").read_bytes() == original
+    rerun = lib.export(str(photo), "--embed")
+    assert "written 0, skipped 1" in rerun.stderr  # nothing changed: the file is not touched
+
+
+@needs_exiftool
+def test_embed_overwrite_original_keeps_no_backup_and_the_store_keeps_the_identity(lib):
+    lib.tag_all(["cat"])
+    known = {str(p): lib.store.file_row(str(p))["content_id"] for p in lib.paths.values()}
+    result = lib.export(str(lib.root), "--embed", "--overwrite-original")
+    assert result.exit_code == 0, result.stderr
+    assert not list(lib.root.rglob("*_original"))
+    for path in lib.paths.values():
+        row = lib.store.file_row(str(path))
+        assert row["content_id"] == known[str(path)]  # a metadata edit is not a new image
+        assert row["size"] == path.stat().st_size
+
+
+@needs_exiftool
+def test_embed_dry_run_changes_nothing(lib):
+    lib.tag_all(["cat"])
+    before = {p: p.read_bytes() for p in lib.paths.values()}
+    result = lib.export(str(lib.root), "--embed", "--dry-run")
+    assert result.exit_code == 0 and "would write 5" in result.stderr
+    assert len(result.stdout.splitlines()) == 5
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_embed_without_exiftool_says_how_to_install_it(lib, monkeypatch, tmp_path):
+    lib.tag_all(["cat"])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    result = lib.export(str(lib.root), "--embed")
+    assert result.exit_code == 2
+    assert "apt install libimage-exiftool-perl" in result.stderr
+    assert "brew install exiftool" in result.stderr
+
+
+@needs_exiftool
+def test_embed_reports_an_image_exiftool_cannot_write_and_goes_on(lib):
+    lib.tag_all(["cat"])
+    broken = lib.paths["cat.jpg"]
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    result = lib.export(str(lib.root), "--embed")
+    assert result.exit_code == 1
+    assert f"failed: {broken}" in result.stderr
+    assert "written 4, skipped 0, failed 1" in result.stderr
+
+
+# ---- end to end ------------------------------------------------------------------------
+
+
+def run_cli(*args: str, db: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vlmtag", *args, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@needs_exiftool
+def test_tag_then_export_sidecars_and_embed_then_tag_again_costs_no_request(tmp_path, photos_dir):
+    lib = Library(tmp_path, photos_dir)
+    with FakeServer(latency=0.0, slots=2) as server:
+        tagged = run_cli("tag", str(lib.root), "--api-base", server.url, db=lib.db)
+        assert tagged.returncode == 0, tagged.stderr
+        sent = server.count("/api/chat")
+        assert sent == len(set(NAMES.values()))  # the duplicate photo is asked about once
+
+        sidecars = run_cli("export", str(lib.root), "--format", "xmp", db=lib.db)
+        assert sidecars.returncode == 0, sidecars.stderr
+        listing = run_cli("export", db=lib.db).stdout.splitlines()
+        exported = {r["path"]: r for r in map(json.loads, listing)}
+        for found in exiftool_json(*(Path(f"{p}.xmp") for p in lib.paths.values())):
+            image = found["SourceFile"][: -len(".xmp")]
+            assert found["XMP-dc:Subject"] == exported[image]["tags"]
+
+        embedded = run_cli("export", str(lib.root), "--embed", db=lib.db)
+        assert embedded.returncode == 0, embedded.stderr
+        again = run_cli("tag", str(lib.root), "--api-base", server.url, db=lib.db)
+        assert again.returncode == 0, again.stderr
+        assert server.count("/api/chat") == sent  # embedding did not make the images "new"
