@@ -41,7 +41,7 @@ class Progress(Protocol):
 
     def start(self, total: int) -> None: ...
 
-    def advance(self, outcome: str) -> None: ...  # "tagged" | "skipped" | "failed"
+    def advance(self, outcome: str, n: int = 1) -> None: ...  # "tagged"|"skipped"|"failed"
 
     def close(self) -> None: ...
 
@@ -50,7 +50,7 @@ class _NoProgress:
     def start(self, total: int) -> None:
         pass
 
-    def advance(self, outcome: str) -> None:
+    def advance(self, outcome: str, n: int = 1) -> None:
         pass
 
     def close(self) -> None:
@@ -263,20 +263,23 @@ class TagRun:
     # ---- process -----------------------------------------------------------------------
 
     async def _process(self, files: list[scan.FileStat], result: RunResult, writer) -> None:
-        opts = self.options
-        self.progress.start(len(files))
+        # Skipped files are reported before the bar starts: its rate and ETA are for work.
+        todo = self._triage(files, writer)
+        self.progress.start(len(todo))
         ready: asyncio.Queue[_Item | None] = asyncio.Queue(
             maxsize=max(2, self._consumer_count()) * READY_PER_WORKER
         )
         self._ready = ready
-        pool = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="vlmtag-prep")
+        pool = ThreadPoolExecutor(
+            max_workers=self.options.threads, thread_name_prefix="vlmtag-prep"
+        )
         try:
             consumers = [
                 asyncio.create_task(self._consume(index, ready, writer))
                 for index, backend in enumerate(self.backends)
                 for _ in range(self._slots(backend))
             ]
-            producer = asyncio.create_task(self._produce(files, ready, writer, pool))
+            producer = asyncio.create_task(self._produce(todo, ready, writer, pool))
             await self._wait(producer, consumers)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -313,29 +316,44 @@ class TagRun:
         with contextlib.suppress(asyncio.CancelledError):
             await everything
 
-    async def _produce(self, files, ready, writer, pool) -> None:
-        opts = self.options
-        window = asyncio.Semaphore(opts.threads * LOOKAHEAD_PER_THREAD)
+    def _triage(self, files: list[scan.FileStat], writer) -> list[tuple[scan.FileStat, str | None]]:
+        """The rescan fast path: one dict look-up per file decides what needs work.
+
+        Returns the files to read, each with its known content id when unchanged (size and
+        mtime as stored) or None when it must be hashed; the rest are counted as skipped.
+        """
+        todo: list[tuple[scan.FileStat, str | None]] = []
+        known_files, done, failed = self._known, self._done, self._failed
+        retry_failed = self.options.retry_failed
+        skipped = 0
+        for f in files:
+            if retry_failed and f.path not in failed:
+                skipped += 1
+                continue
+            known = known_files.get(f.path)
+            if known is None or known.size != f.size or known.mtime_ns != f.mtime_ns:
+                todo.append((f, None))
+                continue
+            if not known.present:
+                writer.put(FileSeen(f.path, f.size, f.mtime_ns, known.content_id))
+            if known.content_id in done:
+                skipped += 1
+            else:
+                todo.append((f, known.content_id))
+        self.result.skipped += skipped
+        self.progress.advance("skipped", skipped)
+        return todo
+
+    async def _produce(self, todo, ready, writer, pool) -> None:
+        window = asyncio.Semaphore(self.options.threads * LOOKAHEAD_PER_THREAD)
         tasks: set[asyncio.Task] = set()
         loop = asyncio.get_running_loop()
         try:
-            for f in files:
+            for f, content_id in todo:
                 if self.stop_requested.is_set():
                     break
-                if opts.retry_failed and f.path not in self._failed:
-                    self._count("skipped")
-                    continue
-                known = self._known.get(f.path)
-                unchanged = known and known.size == f.size and known.mtime_ns == f.mtime_ns
-                if unchanged and not known.present:
-                    writer.put(FileSeen(f.path, f.size, f.mtime_ns, known.content_id))
-                if unchanged and self._skip(known.content_id):
-                    self._count("skipped")
-                    continue
                 await window.acquire()
-                job = loop.run_in_executor(
-                    pool, self._identify_and_prepare, f, known.content_id if unchanged else None
-                )
+                job = loop.run_in_executor(pool, self._identify_and_prepare, f, content_id)
                 task = asyncio.create_task(self._deliver(f, job, ready, writer, window))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -346,16 +364,6 @@ class TagRun:
         finally:
             for task in tasks:
                 task.cancel()
-
-    def _skip(self, content_id: str) -> bool:
-        """True if this content needs no request: done before, or claimed in this run."""
-        if content_id in self._done:
-            return True
-        with self._claim_lock:
-            if content_id in self._claimed:
-                self.result.duplicates += 1
-                return True
-            return False
 
     def _claim(self, content_id: str) -> bool:
         with self._claim_lock:

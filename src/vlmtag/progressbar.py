@@ -25,11 +25,13 @@ class Bar:
             "{postfix}",
         )
 
-    def advance(self, outcome: str) -> None:
-        self._counts[outcome] = self._counts.get(outcome, 0) + 1
+    def advance(self, outcome: str, n: int = 1) -> None:
+        if not n:
+            return
+        self._counts[outcome] = self._counts.get(outcome, 0) + n
         if self._bar is None:
             return
-        self._bar.update(1)
+        self._bar.update(n)
         if outcome != "tagged" or self._counts["tagged"] % 8 == 0:
             self._bar.set_postfix(self._counts, refresh=False)
 
