@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vlmtag import search, vocab  # neither imports the store at import time
 from vlmtag.errors import StoreError
 
 APP_ID = 0x766C6D74  # "vlmt": marks the file as ours, so a foreign db is never touched
@@ -113,6 +114,20 @@ MIGRATIONS: list[str] = [
         vector BLOB NOT NULL
     );
     """,
+    # 3: full-text search (vlmtag.search). CJK text goes in one character per token, so the
+    # default tokenizer finds 1- and 2-character words. Rows already there are indexed by the
+    # first search (the split needs Python), which the 'rebuild' mark asks for.
+    """
+    CREATE VIRTUAL TABLE search_index USING fts5(
+        tags, description, tagkeys, tokenize = 'unicode61 remove_diacritics 2'
+    );
+    CREATE TABLE search_meta (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    INSERT INTO search_meta (key, value)
+        SELECT 'rebuild', 'migration 3' WHERE EXISTS (SELECT 1 FROM annotations);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -196,6 +211,9 @@ class Store:
             )
         for number in range(version, SCHEMA_VERSION):
             with self.transaction():
+                # Another process may have migrated between our read and our write lock.
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] > number:
+                    continue
                 for statement in _statements(MIGRATIONS[number]):
                     self.conn.execute(statement)
                 self.conn.execute(f"PRAGMA application_id = {APP_ID}")
@@ -439,6 +457,7 @@ class Writer:
         except sqlite3.Error as exc:
             self.stats.error = exc
             return
+        rules = vocab.RulesCache()  # vocabulary edits, reloaded when someone makes another
         pending = 0
         first_pending = 0.0
         stop = False
@@ -461,7 +480,7 @@ class Writer:
                     if not pending:
                         conn.execute("BEGIN IMMEDIATE")
                         first_pending = time.monotonic()
-                    _write(conn, item)
+                    _write(conn, item, rules)
                     pending += 1
                     self.stats.rows += 1
                 except sqlite3.Error as exc:
@@ -493,7 +512,7 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _write(conn: sqlite3.Connection, row: object) -> None:
+def _write(conn: sqlite3.Connection, row: object, rules: vocab.RulesCache | None = None) -> None:
     stamp = now()
     if isinstance(row, FileSeen):
         conn.execute(
@@ -507,7 +526,7 @@ def _write(conn: sqlite3.Connection, row: object) -> None:
             (db_text(row.path), row.content_id, row.size, row.mtime_ns, stamp, stamp),
         )
     elif isinstance(row, AnnotationRow):
-        _write_annotation(conn, row, stamp)
+        _write_annotation(conn, row, stamp, rules)
     elif isinstance(row, FailureRow):
         conn.execute(
             """
@@ -539,7 +558,11 @@ def _write(conn: sqlite3.Connection, row: object) -> None:
         raise TypeError(f"unknown row {row!r}")
 
 
-def _write_annotation(conn: sqlite3.Connection, row: AnnotationRow, stamp: str) -> None:
+def _write_annotation(
+    conn: sqlite3.Connection, row: AnnotationRow, stamp: str, rules: vocab.RulesCache | None = None
+) -> None:
+    # Renames and drops people made in the vocabulary apply to later answers too.
+    tags = (rules or vocab.RulesCache()).current(conn).apply(row.tags)
     conn.execute(
         """
         INSERT INTO images (content_id, size, width, height, first_seen) VALUES (?, ?, ?, ?, ?)
@@ -582,8 +605,9 @@ def _write_annotation(conn: sqlite3.Connection, row: AnnotationRow, stamp: str) 
         annotation_id = cur.lastrowid
     conn.executemany(
         "INSERT OR IGNORE INTO tags (annotation_id, position, tag, confidence) VALUES (?,?,?,?)",
-        [(annotation_id, i, tag, conf) for i, (tag, conf) in enumerate(row.tags)],
+        [(annotation_id, i, tag, conf) for i, (tag, conf) in enumerate(tags)],
     )
+    search.index_annotation(conn, annotation_id)
     conn.execute(
         "DELETE FROM failures WHERE (content_id = ? OR path = ?) AND backend = ? AND model = ? "
         "AND prompt_key = ?",

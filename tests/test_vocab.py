@@ -1,0 +1,344 @@
+"""The tag vocabulary on real SQLite files: rules files, replaying edits on later answers,
+rename/merge/drop/apply on stored tags, per-image human edits, counts, and the CLI end to end
+against a loopback model server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
+from vlmtag import vocab
+from vlmtag.errors import UsageError
+from vlmtag.search import search
+from vlmtag.store import AnnotationRow, FileSeen, Missing, Store
+from vlmtag.vocab import DROP, RENAME, Edit, Rules, parse_rules
+
+
+def annotation(content_id: str, tags: list[str], **kw) -> AnnotationRow:
+    values = dict(
+        content_id=content_id,
+        backend="ollama",
+        model="m",
+        prompt_key="k",
+        language="en",
+        tags=[(t, None) for t in tags],
+        description=None,
+        raw="{}",
+        server_timings={},
+        run_id=1,
+    )
+    values.update(kw)
+    return AnnotationRow(**values)
+
+
+class Library:
+    """A real store filled through the real Writer, with paths under /lib."""
+
+    def __init__(self, path: Path):
+        self.store = Store.open(path)
+        self.store.start_run("ollama", "m", "k", {})
+        self.writer = self.store.writer()
+
+    def add(self, name: str, tags: list[str], **kw) -> None:
+        content_id = kw.pop("content_id", "c-" + name)
+        self.writer.put(FileSeen(f"/lib/{name}", 1, 1, content_id))
+        self.writer.put(annotation(content_id, tags, **kw))
+        self.writer.flush()
+
+    def tags(self, name: str) -> list[str]:
+        return self.store.annotations_for_path(f"/lib/{name}")[0]["tags"]
+
+    def sources(self, name: str) -> dict[str, str]:
+        rows = self.store.conn.execute(
+            "SELECT t.tag, t.source FROM files f JOIN annotations a ON a.content_id = f.content_id "
+            "JOIN tags t ON t.annotation_id = a.id WHERE f.path = ?",
+            (f"/lib/{name}",),
+        )
+        return {r[0]: r[1] for r in rows}
+
+    def find(self, query: str) -> list[str]:
+        return sorted(h.path.removeprefix("/lib/") for h in search(self.store, query))
+
+
+@pytest.fixture
+def lib(tmp_path):
+    library = Library(tmp_path / "v.db")
+    yield library
+    library.writer.close()
+    library.store.close()
+
+
+# ---- rules files and replaying edits -------------------------------------------------------
+
+
+def test_rules_file_format():
+    text = """
+    # synonyms
+    kitty, Kitten => cat
+    猫咪、小猫 => 猫
+
+    -blurry
+    -#Out of focus
+    puppy=>dog
+    """
+    assert parse_rules(text) == [
+        Edit(RENAME, "kitty", "cat"),
+        Edit(RENAME, "kitten", "cat"),
+        Edit(RENAME, "猫咪", "猫"),
+        Edit(RENAME, "小猫", "猫"),
+        Edit(DROP, "blurry"),
+        Edit(DROP, "out of focus"),
+        Edit(RENAME, "puppy", "dog"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("kitty cat\n", "rules line 1: 'kitty cat' is not a rule"),
+        ("# ok\n=> cat\n", "rules line 2: nothing before =>"),
+        ("kitty => 123\n", "rules line 1: '123' is not a tag"),
+        ("a => b => c\n", "not a rule"),
+        ("-\n", "rules line 1"),
+    ],
+)
+def test_rules_file_errors_name_the_line(text, message):
+    with pytest.raises(UsageError, match=message):
+        parse_rules(text)
+
+
+@pytest.mark.parametrize(
+    ("edits", "tags", "expected"),
+    [
+        ([(RENAME, "a", "b"), (RENAME, "b", "c")], ["a", "b", "x"], ["c", "x"]),
+        ([(RENAME, "a", "b"), (RENAME, "b", "a")], ["a", "b"], ["a"]),
+        ([(DROP, "x", None), (RENAME, "y", "x")], ["x", "y"], ["x"]),  # y came after the drop
+        ([(RENAME, "y", "x"), (DROP, "x", None)], ["x", "y", "z"], ["z"]),
+        (
+            [(RENAME, "kitty", "cat"), (RENAME, "kitten", "cat")],
+            ["kitten", "cat", "kitty"],
+            ["cat"],
+        ),
+        ([], ["a", "b"], ["a", "b"]),
+    ],
+)
+def test_rules_replay_edits_in_order(edits, tags, expected):
+    rules = Rules(Edit(*e) for e in edits)
+    assert [t for t, _ in rules.apply([(t, None) for t in tags])] == expected
+
+
+def test_merged_tags_keep_the_first_place_and_confidence():
+    rules = Rules([Edit(RENAME, "kitty", "cat"), Edit(RENAME, "kitten", "cat")])
+    tags = [("sofa", 0.5), ("kitten", 0.9), ("cat", 0.8), ("kitty", 0.7)]
+    assert rules.apply(tags) == [("sofa", 0.5), ("cat", 0.9)]
+
+
+def test_writer_follows_edits_made_while_it_runs(lib):
+    lib.add("a.jpg", ["kitty", "blurry"])
+    vocab.rename(lib.store, "Kitty", "cat")  # another connection, between the writer's batches
+    vocab.drop(lib.store, "blurry")
+    assert lib.tags("a.jpg") == ["cat"]
+    lib.add("b.jpg", ["kitty", "sofa", "blurry"])  # a later answer from the model
+    assert lib.tags("b.jpg") == ["cat", "sofa"]
+    assert lib.sources("b.jpg") == {"cat": "model", "sofa": "model"}
+    edits = lib.store.conn.execute("SELECT action, old, new FROM tag_edits ORDER BY id")
+    assert [tuple(r) for r in edits] == [("rename", "kitty", "cat"), ("drop", "blurry", None)]
+
+
+def test_writer_started_after_edits_applies_them(lib, tmp_path):
+    vocab.apply_edits(lib.store, parse_rules("puppy => dog\n-watermark\n"), human=False)
+    writer = lib.store.writer()
+    writer.put(FileSeen("/lib/p.jpg", 1, 1, "cp"))
+    writer.put(annotation("cp", ["puppy", "watermark", "grass"]))
+    writer.close()
+    assert lib.tags("p.jpg") == ["dog", "grass"]
+
+
+# ---- edits on stored tags ------------------------------------------------------------------
+
+
+def test_rename_merges_into_an_existing_tag_and_marks_it_human(lib):
+    lib.add("a.jpg", ["kitty", "sofa"])
+    lib.add("b.jpg", ["kitty", "cat"])
+    lib.add("c.jpg", ["dog"])
+    assert vocab.rename(lib.store, "kitty", "cat") == 2
+    assert lib.tags("a.jpg") == ["cat", "sofa"] and lib.tags("b.jpg") == ["cat"]
+    assert lib.sources("a.jpg") == {"cat": "human", "sofa": "model"}
+    assert lib.sources("b.jpg") == {"cat": "human"}
+    assert lib.find("tag:cat") == ["a.jpg", "b.jpg"]  # the index follows
+    assert lib.find("kitty") == []
+    with pytest.raises(UsageError, match="same tag"):
+        vocab.rename(lib.store, "Cat", "cat")
+
+
+def test_merge_and_drop(lib):
+    lib.add("a.jpg", ["kitty", "blurry"])
+    lib.add("b.jpg", ["kitten"])
+    lib.add("c.jpg", ["cat", "blurry"])
+    assert vocab.merge(lib.store, ["kitty", "kitten", "cat"], "cat") == 2
+    assert vocab.drop(lib.store, "blurry") == 2
+    assert [lib.tags(n) for n in ("a.jpg", "b.jpg", "c.jpg")] == [["cat"], ["cat"], ["cat"]]
+    assert lib.find("blurry") == []
+    assert vocab.drop(lib.store, "never-seen") == 0  # still recorded, for later runs
+    lib.add("d.jpg", ["never seen", "never-seen"])
+    assert lib.tags("d.jpg") == ["never seen"]
+    with pytest.raises(UsageError, match="nothing to merge"):
+        vocab.merge(lib.store, ["cat"], "cat")
+
+
+def test_rules_file_keeps_sources_and_is_recorded(lib, tmp_path):
+    lib.add("a.jpg", ["kitty", "blurry"])
+    rules = tmp_path / "rules.txt"
+    rules.write_text("kitty, kitten => cat\n-blurry\n", encoding="utf-8")
+    edits, changed = vocab.apply_rules_file(lib.store, str(rules))
+    assert len(edits) == 3 and changed == 1
+    assert lib.sources("a.jpg") == {"cat": "model"}  # vocabulary, not a judgement of the image
+    lib.add("b.jpg", ["kitten", "blurry", "tree"])
+    assert lib.tags("b.jpg") == ["cat", "tree"]
+    with pytest.raises(UsageError, match="cannot read"):
+        vocab.apply_rules_file(lib.store, str(tmp_path / "missing.txt"))
+
+
+def test_add_and_remove_by_hand(lib):
+    lib.add("a.jpg", ["cat", "sofa"])
+    assert vocab.add_tags(lib.store, "/lib/a.jpg", ["Grandma", "cat", "grandma"]) == 1
+    assert lib.tags("a.jpg") == ["cat", "sofa", "grandma"]
+    assert lib.sources("a.jpg") == {"cat": "human", "sofa": "model", "grandma": "human"}
+    assert lib.find("tag:grandma") == ["a.jpg"]
+    assert vocab.remove_tags(lib.store, "/lib/a.jpg", ["sofa", "nope"]) == 1
+    assert lib.find("sofa") == []
+    lib.add("a.jpg", ["dog"])  # --force by the same model: human tags stay
+    assert sorted(lib.tags("a.jpg")) == ["cat", "dog", "grandma"]
+    with pytest.raises(UsageError, match="not in the database"):
+        vocab.add_tags(lib.store, "/lib/missing.jpg", ["x"])
+    with pytest.raises(UsageError, match="not tagged by other yet"):
+        vocab.add_tags(lib.store, "/lib/a.jpg", ["x"], model="other")
+
+
+def test_counts_are_files_whose_newest_annotation_has_the_tag(lib):
+    lib.add("a.jpg", ["cat", "sofa"])
+    lib.add("b.jpg", ["cat"])
+    lib.writer.put(FileSeen("/lib/copy of b.jpg", 1, 1, "c-b.jpg"))  # a duplicate: 2 files
+    lib.add("c.jpg", ["cat", "dog"], model="big")
+    lib.add("c.jpg", ["cat"], model="small")  # newer: counts for c.jpg
+    lib.add("d.jpg", ["dog"], prompt_key="old")
+    lib.add("d.jpg", ["bird"], prompt_key="new")
+    lib.add("gone.jpg", ["cat"])
+    lib.writer.put(Missing(["/lib/gone.jpg"]))
+    lib.writer.flush()
+    counts = vocab.tag_counts(lib.store)
+    assert [(c.tag, c.count) for c in counts] == [("cat", 4), ("bird", 1), ("sofa", 1)]
+    assert len(lib.find("tag:cat")) == 4
+    assert [c.tag for c in vocab.tag_counts(lib.store, limit=2)] == ["cat", "bird"]
+    assert [(c.tag, c.count) for c in vocab.tag_counts(lib.store, model="big")] == [
+        ("cat", 1),
+        ("dog", 1),
+    ]
+    exported = {r["path"]: r["tags"] for r in lib.store.latest_annotations()}
+    assert exported["/lib/c.jpg"] == ["cat"] and exported["/lib/d.jpg"] == ["bird"]
+
+
+# ---- the CLI, end to end -------------------------------------------------------------------
+
+
+def vlmtag(*args: str, db: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vlmtag", *args, "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def paint(folder: Path, names: list[str]) -> dict[str, str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name in names:
+        path = folder / f"{name}.png"
+        Image.new("RGB", (64, 48), TEST_COLOURS[name]).save(path)
+        paths[name] = str(path)
+    return paths
+
+
+def stored_tags(db: Path, path: str) -> list[str]:
+    out = vlmtag("show", path, "--json", db=db)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)["annotations"][0]["tags"]
+
+
+def test_cli_vocabulary_edits_survive_force_and_apply_to_later_runs(tmp_path):
+    db = tmp_path / "v.db"
+    paths = paint(tmp_path / "pics", ["red", "green", "blue"])
+    with FakeServer(slots=4) as server:
+        tag = ("tag", str(tmp_path / "pics"), "--api-base", server.url, "-q")
+        assert vlmtag(*tag, db=db).returncode == 0
+
+        listed = vlmtag("tags", "--json", db=db)
+        counts = {r["tag"]: r["count"] for r in json.loads(listed.stdout)}
+        assert counts["solid colour"] == 3 and counts["red"] == 1
+        top = vlmtag("tags", "--limit", "1", db=db).stdout.split()
+        assert top == ["3", "solid", "colour"]
+
+        out = vlmtag("tags", "rename", "solid colour", "plain", db=db)
+        assert out.returncode == 0 and "on 3 annotations" in out.stdout
+        assert vlmtag("tags", "drop", "red", db=db).returncode == 0
+        added = vlmtag("tags", "add", paths["red"], "grandma", db=db)
+        assert added.returncode == 0, added.stderr
+        removed = vlmtag("tags", "remove", paths["green"], "green", db=db)
+        assert "removed 1 tags" in removed.stdout
+
+        red_fp = fingerprint_for_rgb(TEST_COLOURS["red"])
+        assert stored_tags(db, paths["red"]) == [red_fp, "plain", "grandma"]
+        assert vlmtag(*tag, "--force", db=db).returncode == 0  # the model says it all again
+        assert sorted(stored_tags(db, paths["red"])) == sorted([red_fp, "plain", "grandma"])
+        assert "green" in stored_tags(db, paths["green"])  # a removed model tag comes back
+
+        later = paint(tmp_path / "pics", ["yellow"])  # a new image, a later run
+        assert vlmtag(*tag, db=db).returncode == 0
+        yellow_fp = fingerprint_for_rgb(TEST_COLOURS["yellow"])
+        assert stored_tags(db, later["yellow"]) == ["yellow", yellow_fp, "plain"]
+
+    found = vlmtag("search", "tag:plain", db=db).stdout.splitlines()
+    assert sorted(found) == sorted([*paths.values(), later["yellow"]])
+    assert vlmtag("search", "tag:red", db=db).stdout == ""
+
+
+def test_cli_merge_apply_and_usage_errors(tmp_path):
+    db = tmp_path / "v.db"
+    paint(tmp_path / "pics", ["red", "blue"])
+    with FakeServer(slots=2) as server:
+        assert (
+            vlmtag("tag", str(tmp_path / "pics"), "--api-base", server.url, db=db).returncode == 0
+        )
+
+    out = vlmtag("tags", "merge", "red", "blue", "INTO", "primary", db=db)
+    assert out.returncode == 0, out.stderr
+    counts = {r["tag"]: r["count"] for r in json.loads(vlmtag("tags", "--json", db=db).stdout)}
+    assert counts["primary"] == 2 and "red" not in counts
+
+    rules = tmp_path / "rules.txt"
+    rules.write_text("primary => colourful\n-solid colour\n", encoding="utf-8")
+    out = vlmtag("tags", "apply", str(rules), db=db)
+    assert out.returncode == 0 and "1 renames and 1 drops" in out.stdout
+    counts = {r["tag"]: r["count"] for r in json.loads(vlmtag("tags", "--json", db=db).stdout)}
+    assert counts["colourful"] == 2 and "solid colour" not in counts
+
+    for bad in (
+        ("tags", "merge", "red", "blue", "primary"),
+        ("tags", "merge", "red", "INTO", "a", "b"),
+        ("tags", "merge", "INTO", "a"),
+        ("tags", "rename", "cat", "123"),
+        ("tags", "add", str(tmp_path / "nope.png"), "cat"),
+    ):
+        out = vlmtag(*bad, db=db)
+        assert out.returncode == 2, bad
+        assert out.stderr.startswith("vlmtag: error: ") and "Traceback" not in out.stderr
+    rules.write_text("this is no rule\n", encoding="utf-8")
+    out = vlmtag("tags", "apply", str(rules), db=db)
+    assert out.returncode == 2 and "line 1" in out.stderr
