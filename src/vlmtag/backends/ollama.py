@@ -15,14 +15,13 @@ from typing import Any
 import httpx
 
 from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.backends.server import ServerBackend
 from vlmtag.errors import InferenceError, SetupError
 from vlmtag.http import (
     BrokenAnswer,
     HTTPStatusError,
     RetryPolicy,
     get_json,
-    infer_each,
-    make_client,
     post_json,
     why,
 )
@@ -39,40 +38,22 @@ _TIMING_NS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_d
 _COUNTS = ("prompt_eval_count", "eval_count")
 
 
-class OllamaBackend:
+class OllamaBackend(ServerBackend):
     """A vision model served by Ollama."""
 
     name = "ollama"
-    wants_pixels = False
-    batch_size = 1
+    server_kind = "Ollama"
     default_workers = DEFAULT_WORKERS
-    input_box: tuple[int, int] | None = None
 
-    def __init__(
-        self,
-        options: BackendOptions,
-        *,
-        backoff: float | None = None,
-        connections: int | None = None,
-    ):
-        self.options = options
-        self.model = options.model
-        self.base_url = normalise_base(options.api_base[0] if options.api_base else "")
-        self.label = f"Ollama at {self.base_url}"
-        self.policy = RetryPolicy(retries=max(options.retries, 0))
-        if backoff is not None:
-            self.policy = RetryPolicy(retries=self.policy.retries, backoff=backoff)
-        self._connections = connections
-        self._http: httpx.AsyncClient | None = None
+    def __init__(self, options: BackendOptions, **kwargs: Any):
+        super().__init__(options, **kwargs)
         # Sent only to models that declare "thinking": some Ollama versions answer 400
         # "does not support thinking" to a `think` field on other models.
         self._think_off = False
 
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            kwargs = {} if self._connections is None else {"connections": self._connections}
-            self._http = make_client(self.base_url, timeout=self.options.timeout, **kwargs)
-        return self._http
+    @staticmethod
+    def normalise_base(url: str) -> str:
+        return normalise_base(url)
 
     async def start(self) -> None:
         """Check that the server answers and the model exists and can see images."""
@@ -190,17 +171,6 @@ class OllamaBackend:
             raise
         reply.timings["request_seconds"] = time.monotonic() - started
         return reply
-
-    async def infer_batch(
-        self, images: list[PreparedImage], request: Request
-    ) -> list[Reply | Exception]:
-        """Several images, one request each (Ollama takes one image per chat turn here)."""
-        return await infer_each(self, images, request)
-
-    async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
 
 def normalise_base(url: str) -> str:

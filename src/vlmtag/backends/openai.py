@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.backends.server import ServerBackend
 from vlmtag.errors import InferenceError, SetupError
 from vlmtag.http import (
     BrokenAnswer,
@@ -25,8 +26,6 @@ from vlmtag.http import (
     RetryPolicy,
     decode_json,
     get_json,
-    infer_each,
-    make_client,
     post_json,
     why,
 )
@@ -54,49 +53,30 @@ class RequestShape:
     temperature: bool = True
 
 
-class OpenAIBackend:
+class OpenAIBackend(ServerBackend):
     """A vision model behind an OpenAI-compatible chat completions API."""
 
     name = "openai"
-    wants_pixels = False
-    batch_size = 1
+    server_kind = "server"
     default_workers = DEFAULT_WORKERS
-    input_box: tuple[int, int] | None = None
 
-    def __init__(
-        self,
-        options: BackendOptions,
-        *,
-        backoff: float | None = None,
-        connections: int | None = None,
-    ):
-        self.options = options
-        self.model = options.model
-        self.base_url = normalise_base(options.api_base[0] if options.api_base else "")
-        self.label = f"server at {self.base_url}"
-        self.policy = RetryPolicy(retries=max(options.retries, 0))
-        if backoff is not None:
-            self.policy = RetryPolicy(retries=self.policy.retries, backoff=backoff)
-        self._connections = connections
-        self._http: httpx.AsyncClient | None = None
+    def __init__(self, options: BackendOptions, **kwargs: Any):
+        super().__init__(options, **kwargs)
         self._shape = RequestShape()
         self._shape_lock = threading.Lock()  # requests may run on several loops/threads
+
+    @staticmethod
+    def normalise_base(url: str) -> str:
+        return normalise_base(url)
+
+    def headers(self) -> dict[str, str]:
+        key = self.options.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property
     def shape(self) -> RequestShape:
         """What this run sends; changes only when the server rejects a field."""
         return self._shape
-
-    def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            headers = {}
-            if self.options.api_key:
-                headers["Authorization"] = f"Bearer {self.options.api_key}"
-            kwargs = {} if self._connections is None else {"connections": self._connections}
-            self._http = make_client(
-                self.base_url, timeout=self.options.timeout, headers=headers, **kwargs
-            )
-        return self._http
 
     async def start(self) -> None:
         """Check the server answers, accepts the key, and serves the model."""
@@ -269,17 +249,6 @@ class OpenAIBackend:
                 status=404,
             )
         return exc
-
-    async def infer_batch(
-        self, images: list[PreparedImage], request: Request
-    ) -> list[Reply | Exception]:
-        """Several images, one request each; the server batches them itself."""
-        return await infer_each(self, images, request)
-
-    async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
 
 def normalise_base(url: str) -> str:

@@ -1,0 +1,72 @@
+"""What the two HTTP backends share: one server, its pooled client, the retry policy.
+
+One instance talks to one server (the first of options.api_base); to spread work over
+several servers, the caller makes one instance per server. All HTTP goes through
+vlmtag.http, the one retry layer.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.http import RetryPolicy, infer_each, make_client
+
+
+class ServerBackend:
+    """A model behind an HTTP API. Subclasses set `name`, `default_workers`, `server_kind`
+    and `normalise_base`, and implement start() and infer()."""
+
+    name = "server"
+    server_kind = "server"  # how messages name it: "Ollama at URL", "server at URL"
+    wants_pixels = False
+    batch_size = 1
+    default_workers = 1
+    input_box: tuple[int, int] | None = None
+
+    def __init__(
+        self,
+        options: BackendOptions,
+        *,
+        backoff: float | None = None,
+        connections: int | None = None,
+    ):
+        self.options = options
+        self.model = options.model
+        self.base_url = self.normalise_base(options.api_base[0] if options.api_base else "")
+        self.label = f"{self.server_kind} at {self.base_url}"
+        self.policy = RetryPolicy(retries=max(options.retries, 0))
+        if backoff is not None:
+            self.policy = RetryPolicy(retries=self.policy.retries, backoff=backoff)
+        self._connections = connections
+        self._http: httpx.AsyncClient | None = None
+
+    @staticmethod
+    def normalise_base(url: str) -> str:
+        raise NotImplementedError
+
+    def headers(self) -> dict[str, str]:
+        """Headers sent with every request (an API key, for instance)."""
+        return {}
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            kwargs = {} if self._connections is None else {"connections": self._connections}
+            self._http = make_client(
+                self.base_url, timeout=self.options.timeout, headers=self.headers(), **kwargs
+            )
+        return self._http
+
+    async def infer(self, image: PreparedImage, request: Request) -> Reply:
+        raise NotImplementedError
+
+    async def infer_batch(
+        self, images: list[PreparedImage], request: Request
+    ) -> list[Reply | Exception]:
+        """Several images, one request each: a server batches concurrent requests itself."""
+        return await infer_each(self, images, request)
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
