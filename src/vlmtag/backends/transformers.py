@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import io
 import os
 import re
 import threading
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.backends.inprocess import cores, one_line, pixels_of
 from vlmtag.errors import InferenceError, SetupError
 
 CPU_BATCH_SIZE = 4
@@ -93,7 +93,7 @@ class TransformersBackend:
         pixels: dict[int, Any] = {}
         for i, image in enumerate(images):
             try:
-                pixels[i] = _pixels(image)
+                pixels[i] = pixels_of(image)
             except InferenceError as exc:
                 results[i] = exc
         with self._run_lock:
@@ -120,7 +120,7 @@ def _generate_each(
             answers[i] = loaded.generate([pixels[i]], request)[0]
         except Exception as exc:
             loaded.release_memory()
-            answers[i] = InferenceError(f"generation failed: {_one_line(exc)}")
+            answers[i] = InferenceError(f"generation failed: {one_line(exc)}")
     return answers
 
 
@@ -232,7 +232,7 @@ def _load(where: str, device: str) -> _Loaded:
     else:
         dtype = torch.float32
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the user's choice wins
-        torch.set_num_threads(_cores())
+        torch.set_num_threads(cores())
     processor = _load_processor(transformers, where)
     model = _load_model(transformers, where, dtype)
     if getattr(processor, "chat_template", None) is None:
@@ -243,7 +243,7 @@ def _load(where: str, device: str) -> _Loaded:
     try:
         model.to(device)
     except Exception as exc:
-        raise SetupError(f"cannot move {where} to {device}: {_one_line(exc)}") from exc
+        raise SetupError(f"cannot move {where} to {device}: {one_line(exc)}") from exc
     model.eval()
     return _Loaded(model, processor, device, dtype)
 
@@ -286,7 +286,7 @@ def _load_processor(transformers: Any, where: str) -> Any:
         return transformers.AutoProcessor.from_pretrained(where, local_files_only=True)
     except Exception as exc:
         raise SetupError(
-            f"cannot load the processor of {where} ({_one_line(exc)}); the model needs "
+            f"cannot load the processor of {where} ({one_line(exc)}); the model needs "
             "processor_config.json or preprocessor_config.json and its tokenizer files"
         ) from exc
 
@@ -302,16 +302,16 @@ def _load_model(transformers: Any, where: str, dtype: Any) -> Any:
             return cls.from_pretrained(where, **kwargs)
         except ValueError as exc:
             if "Unrecognized configuration class" not in str(exc):
-                raise SetupError(f"cannot load {where}: {_one_line(exc)}") from exc
+                raise SetupError(f"cannot load {where}: {one_line(exc)}") from exc
             last = exc
         except Exception as exc:
             raise SetupError(
-                f"cannot load {where} ({_one_line(exc)}); the folder needs config.json and "
+                f"cannot load {where} ({one_line(exc)}); the folder needs config.json and "
                 "the weights (model.safetensors or pytorch_model.bin)"
             ) from exc
     raise SetupError(
         f"{where} is not a model transformers can generate text from images with "
-        f"({_one_line(last)}); use an image-text-to-text model"
+        f"({one_line(last)}); use an image-text-to-text model"
     )
 
 
@@ -331,27 +331,3 @@ def _greedy(config: Any, pad_id: int | None) -> Any:
     if config.pad_token_id is None:
         config.pad_token_id = pad_id
     return config
-
-
-def _pixels(image: PreparedImage) -> Any:
-    if image.pixels is not None:
-        return image.pixels
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(image.data)) as decoded:
-            return decoded.convert("RGB")
-    except Exception as exc:
-        raise InferenceError(f"cannot decode the prepared image: {_one_line(exc)}") from exc
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _one_line(exc: BaseException | None) -> str:
-    text = str(exc).strip() if exc is not None else ""
-    return text.splitlines()[0] if text else type(exc).__name__

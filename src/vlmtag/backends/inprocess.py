@@ -1,0 +1,40 @@
+"""Small pieces the in-process backends (builtin, transformers) share."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import TYPE_CHECKING
+
+from vlmtag.backends.base import PreparedImage
+from vlmtag.errors import InferenceError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+def pixels_of(image: PreparedImage) -> Image:
+    """The RGB pixels the pipeline kept, or the prepared image decoded again."""
+    if image.pixels is not None:
+        return image.pixels
+    from PIL import Image as PILImage
+
+    try:
+        with PILImage.open(io.BytesIO(image.data)) as decoded:
+            return decoded.convert("RGB")
+    except Exception as exc:  # any decoder failure is this image's failure
+        raise InferenceError(f"cannot decode the prepared image: {one_line(exc)}") from exc
+
+
+def cores() -> int:
+    """CPU cores this process may use (the affinity mask where there is one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def one_line(exc: BaseException | None) -> str:
+    """The first line of an exception's text, or its type's name: fit for a message."""
+    text = str(exc).strip() if exc is not None else ""
+    return text.splitlines()[0] if text else type(exc).__name__
