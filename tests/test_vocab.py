@@ -12,44 +12,18 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import rows
 from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
+from rows import annotation
 from vlmtag import vocab
 from vlmtag.errors import UsageError
 from vlmtag.search import search
-from vlmtag.store import AnnotationRow, FileSeen, Missing, Store
+from vlmtag.store import FileSeen, Missing
 from vlmtag.vocab import DROP, RENAME, Edit, Rules, parse_rules
 
 
-def annotation(content_id: str, tags: list[str], **kw) -> AnnotationRow:
-    values = dict(
-        content_id=content_id,
-        backend="ollama",
-        model="m",
-        prompt_key="k",
-        language="en",
-        tags=[(t, None) for t in tags],
-        description=None,
-        raw="{}",
-        server_timings={},
-        run_id=1,
-    )
-    values.update(kw)
-    return AnnotationRow(**values)
-
-
-class Library:
-    """A real store filled through the real Writer, with paths under /lib."""
-
-    def __init__(self, path: Path):
-        self.store = Store.open(path)
-        self.store.start_run("ollama", "m", "k", {})
-        self.writer = self.store.writer()
-
-    def add(self, name: str, tags: list[str], **kw) -> None:
-        content_id = kw.pop("content_id", "c-" + name)
-        self.writer.put(FileSeen(f"/lib/{name}", 1, 1, content_id))
-        self.writer.put(annotation(content_id, tags, **kw))
-        self.writer.flush()
+class Library(rows.Library):
+    """The shared library, with what vocabulary tests look at."""
 
     def tags(self, name: str) -> list[str]:
         return self.store.annotations_for_path(f"/lib/{name}")[0]["tags"]
@@ -70,8 +44,7 @@ class Library:
 def lib(tmp_path):
     library = Library(tmp_path / "v.db")
     yield library
-    library.writer.close()
-    library.store.close()
+    library.close()
 
 
 # ---- rules files and replaying edits -------------------------------------------------------
