@@ -257,14 +257,14 @@ def test_unparseable_answers_are_failures_and_retry_failed_fixes_them(tmp_path):
     expected = paint_folder(pics, 4)
     db = tmp_path / "v.db"
     with FakeServer() as server:
-        server.fail_next("garbage", 2)
+        server.fail_next("garbage", 4)  # each image is asked twice
         out = vlmtag("tag", str(pics), "--api-base", server.url, "--workers", "1", db=db)
         assert out.returncode == 1
         failed = json.loads(vlmtag("failures", "--json", db=db).stdout)
         assert len(failed) == 2 and {f["stage"] for f in failed} == {"parse"}
         out = vlmtag("tag", str(pics), "--api-base", server.url, "--retry-failed", db=db)
         assert out.returncode == 0, out.stderr
-        assert server.count("/api/chat") == 6
+        assert server.count("/api/chat") == 4 + 2 + 2
     assert json.loads(vlmtag("failures", "--json", db=db).stdout) == []
     assert_own_answers(db, expected)
 

@@ -73,8 +73,20 @@ class Settings:
     preset: str | None = None
 
     def public(self) -> dict[str, Any]:
-        """The settings as stored with a run: never the API key."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        """The settings as stored with a run: never the API key, nor a password in a URL."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        values["api_base"] = [without_credentials(url) for url in self.api_base]
+        return values
+
+
+def without_credentials(url: str) -> str:
+    """The URL without user:password@, for anything printed or stored."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def parse_resize(text: str) -> tuple[int, int] | None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtag.backends.base import Backend, PreparedImage, Request
+from vlmtag.config import without_credentials
 
 MAX_PROBE = 32  # most requests sent at once while measuring
 GAIN_TO_GO_ON = 1.3  # keep doubling while throughput grows at least this much
@@ -69,7 +70,8 @@ async def measure(backend: Backend, request: Request, image: PreparedImage, n: i
 async def examine(backend: Backend, request: Request, *, measure_parallel: bool = True) -> Report:
     from vlmtag.errors import VlmtagError
 
-    report = Report(getattr(backend, "base_url", "(in process)"), backend.name, backend.model)
+    server = without_credentials(getattr(backend, "base_url", "(in process)"))
+    report = Report(server, backend.name, backend.model)
     try:
         await backend.start()
     except VlmtagError as exc:

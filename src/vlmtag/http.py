@@ -14,13 +14,14 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from vlmtag.config import without_credentials
 from vlmtag.errors import InferenceError, ServerGoneError
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,7 @@ class RetryPolicy:
 
 def display_url(url: str) -> str:
     """The URL without user:password, for messages."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return without_credentials(url)
 
 
 def make_client(
@@ -168,6 +166,16 @@ async def post_json(
     )
 
 
+# How many attempts the last request of this task took (asyncio tasks each see their own):
+# a request that needed retries says nothing about how fast the server is.
+_attempts: ContextVar[int] = ContextVar("vlmtag_attempts", default=1)
+
+
+def last_attempts() -> int:
+    """Attempts the last request_json of the current task needed (1: no retry)."""
+    return _attempts.get()
+
+
 async def request_json(
     client: httpx.AsyncClient,
     method: str,
@@ -198,7 +206,9 @@ async def request_json(
                 )
             if response.status_code >= 400:
                 raise _status_error(response, label)
-            return decode(response)
+            result = decode(response)
+            _attempts.set(attempts)
+            return result
         except HTTPStatusError as exc:
             error: InferenceError = exc
             retry_after = exc.retry_after

@@ -22,13 +22,15 @@ from typing import Any, Protocol
 from vlmtag import imaging, scan
 from vlmtag.backends.base import Backend, PreparedImage, Reply, Request
 from vlmtag.concurrency import AUTO_MAX, Limiter
+from vlmtag.config import without_credentials
 from vlmtag.errors import ImageError, InferenceError, ParseError, ServerGoneError
-from vlmtag.parse import parse_answer
+from vlmtag.parse import MAX_INPUT_CHARS, parse_answer
 from vlmtag.store import AnnotationRow, FailureRow, FileSeen, KnownFile, Missing, Store
 from vlmtag.timings import StageTimes
 
 AUTO = 0  # --workers auto: find the server's parallelism as the run goes
 MAX_LOST = 3  # an image whose server drops the connection this often is a failure
+REASK_MISSES = 5  # re-asks in a row that did not help: stop asking again in this run
 PROBE_FIRST_DELAY = 1.0  # first wait before asking an away server again (doubles)
 PROBE_MAX_DELAY = 15.0
 GRACE_SECONDS = 10.0  # after Ctrl-C, how long in-flight requests may finish before cancel
@@ -124,6 +126,7 @@ class _Item:
     image: PreparedImage
     started: float
     lost: int = 0  # times its server went away while it was in flight
+    asked: bool = False  # sent once more after an unusable answer
 
 
 class _Health:
@@ -137,6 +140,11 @@ class _Health:
     async def wait_back(self) -> bool:
         await self.up.wait()
         return not self.retired
+
+
+def _first_try(reply: object) -> bool:
+    """An answer that came at the first attempt (its latency measures the server)."""
+    return isinstance(reply, Reply) and reply.timings.get("attempts", 1.0) <= 1.0
 
 
 def _overloaded(reply: object) -> bool:
@@ -168,6 +176,9 @@ class TagRun:
         self._server_gone: str | None = None
         self._hurry = False
         self._requeued: deque[_Item] = deque()
+        self._copies: dict[str, list[str]] = {}  # content id -> other paths waiting on it
+        self._content_failures: dict[str, tuple[str, str]] = {}  # content id -> stage, reason
+        self._reask_misses = 0  # answers asked again in a row that were no better
         self._limiters = [
             Limiter.auto() if self._slots(b) == AUTO_MAX else Limiter(self._slots(b))
             for b in backends
@@ -190,7 +201,7 @@ class TagRun:
             writer.close()
             result.servers = [
                 {
-                    "server": getattr(b, "base_url", b.name),
+                    "server": without_credentials(getattr(b, "base_url", b.name)),
                     "workers": limiter.limit,
                     "workers_tried": limiter.history,
                     "away": health.retired,
@@ -233,21 +244,24 @@ class TagRun:
         files, known = await asyncio.gather(
             asyncio.to_thread(walk), asyncio.to_thread(self._load_known)
         )
-        self._known, self._done, self._failed = known
-        for path, reason in scan_errors:
-            self._fail(writer, path, None, "scan", reason)
+        self._known, self._done, self._failed, failure_paths = known
         seen = {f.path for f in files}
+        seen.update(path for path, _ in scan_errors)
         gone = [
             p for p, k in self._known.items() if k.present and p not in seen and _under(p, roots)
         ]
-        if gone:
-            writer.put(Missing(gone))
+        # Failures of files that are gone (some never got as far as a files row) go too.
+        stale = [p for p in failure_paths if p not in seen and _under(p, roots)]
+        if gone or stale:
+            writer.put(Missing(gone + stale))
         result.missing = len(gone)
+        for path, reason in scan_errors:
+            self._fail(writer, path, None, "scan", reason)
         result.found = len(files)
         result.times.add_total("scan", time.perf_counter() - t0)
         return files
 
-    def _load_known(self) -> tuple[dict[str, KnownFile], set[str], set[str]]:
+    def _load_known(self) -> tuple[dict[str, KnownFile], set[str], set[str], set[str]]:
         # A second connection: the scan runs in a thread beside it.
         from vlmtag.store import Store
 
@@ -256,7 +270,7 @@ class TagRun:
             b, o = self.backend, self.options
             done = set() if o.force else store.done_content_ids(b.name, b.model, o.prompt_key)
             failed = store.failed_paths(b.name, b.model, o.prompt_key) if o.retry_failed else set()
-            return store.known_files(), done, failed
+            return store.known_files(), done, failed, store.failure_paths()
         finally:
             store.close()
 
@@ -365,14 +379,15 @@ class TagRun:
             for task in tasks:
                 task.cancel()
 
-    def _claim(self, content_id: str) -> bool:
+    def _claim(self, content_id: str) -> str:
+        """ "new" (this path sends it), "done" (stored before) or "copy" (another path has it)."""
         with self._claim_lock:
-            if content_id in self._done or content_id in self._claimed:
-                if content_id in self._claimed:
-                    self.result.duplicates += 1
-                return False
+            if content_id in self._done:
+                return "done"
+            if content_id in self._claimed:
+                return "copy"
             self._claimed.add(content_id)
-            return True
+            return "new"
 
     def _identify_and_prepare(self, f: scan.FileStat, content_id: str | None):
         """In a pool thread: read once, hash if new or changed, claim, decode and fit."""
@@ -384,8 +399,9 @@ class TagRun:
             content_id = scan.content_id(data)
             seen = FileSeen(f.path, f.size, f.mtime_ns, content_id)
             self.result.times.add("hash", time.perf_counter() - started)
-        if not self._claim(content_id):
-            return seen, content_id, None, started
+        status = self._claim(content_id)
+        if status != "new":
+            return seen, content_id, None, started, status
         t1 = time.perf_counter()
         try:
             image = imaging.prepare(
@@ -399,12 +415,12 @@ class TagRun:
             exc.seen = seen  # type: ignore[attr-defined]
             raise
         self.result.times.add("decode", time.perf_counter() - t1)
-        return seen, content_id, image, started
+        return seen, content_id, image, started, status
 
     async def _deliver(self, f, job, ready, writer, window) -> None:
         try:
             try:
-                seen, content_id, image, started = await job
+                seen, content_id, image, started, status = await job
             except ImageError as exc:
                 seen = getattr(exc, "seen", None)
                 if seen:
@@ -417,11 +433,24 @@ class TagRun:
             if seen:
                 writer.put(seen)
             if image is None:
-                self._count("skipped")
+                self._skipped(writer, f.path, content_id, status)
                 return
             await ready.put(_Item(f.path, content_id, image, started))
         finally:
             window.release()
+
+    def _skipped(self, writer, path: str, content_id: str, status: str) -> None:
+        """A file that needs no request of its own; a copy shares its twin's fate."""
+        if status != "copy":
+            self._count("skipped")
+            return
+        self.result.duplicates += 1
+        failure = self._content_failures.get(content_id)
+        if failure is not None:
+            self._fail(writer, path, content_id, *failure)
+        else:
+            self._copies.setdefault(content_id, []).append(path)
+            self._count("skipped")
 
     async def _consume(self, index: int, ready, writer) -> None:
         backend, limiter, health = self.backends[index], self._limiters[index], self._health[index]
@@ -448,7 +477,7 @@ class TagRun:
                     continue
                 elapsed = time.perf_counter() - t0
                 overloaded = all(_overloaded(r) for r in replies)
-                if not any(isinstance(r, BaseException) for r in replies):
+                if all(_first_try(r) for r in replies):  # retries say nothing of its speed
                     latency = elapsed
                 for item, reply in zip(batch, replies, strict=True):
                     self.result.times.add("infer", elapsed / len(batch))
@@ -556,8 +585,12 @@ class TagRun:
                 tags = [(t, None) for t in answer.tags]
                 description = answer.description if request.description else None
         except ParseError as exc:
-            self._fail(writer, item.path, item.content_id, "parse", str(exc))
+            if not self._ask_again(item, usable=False):
+                self._fail(writer, item.path, item.content_id, "parse", str(exc))
             return
+        whole = reply.tags is not None or (tags and (description or not request.description))
+        if self._ask_again(item, usable=bool(whole)):
+            return  # a cut-off answer: the next one is usually whole; else this one is kept
         writer.put(
             AnnotationRow(
                 content_id=item.content_id,
@@ -567,7 +600,7 @@ class TagRun:
                 language=request.language,
                 tags=tags,
                 description=description,
-                raw=reply.text,
+                raw=reply.text[:MAX_INPUT_CHARS],  # a runaway answer is not kept whole
                 server_timings=reply.timings,
                 run_id=self.result.run_id,
                 path=item.path,
@@ -578,24 +611,45 @@ class TagRun:
         self.result.times.add("total", time.perf_counter() - item.started)
         self._count("tagged")
 
+    def _ask_again(self, item: _Item, *, usable: bool) -> bool:
+        """Whether to send an image once more after an unusable or cut-off answer.
+
+        One bad answer at a few percent must not cost an image its run. But a model that
+        never answers whole would double every request: after REASK_MISSES second answers
+        in a row that were no better, the run stops asking again.
+        """
+        if item.asked:  # this was the second answer: keep the count, never a third
+            self._reask_misses = 0 if usable else self._reask_misses + 1
+            return False
+        if usable or self._reask_misses >= REASK_MISSES:
+            return False
+        item.asked = True
+        self._requeued.append(item)
+        return True
+
     # ---- bookkeeping -------------------------------------------------------------------
 
     def _fail(self, writer, path: str, content_id: str | None, stage: str, reason: str) -> None:
         b = self.backend
-        writer.put(
-            FailureRow(
-                path,
-                content_id,
-                b.name,
-                b.model,
-                self.options.prompt_key,
-                stage,
-                reason,
-                self.result.run_id,
+        for failed in [path, *self._copies.pop(content_id, [])]:
+            writer.put(
+                FailureRow(
+                    failed,
+                    content_id,
+                    b.name,
+                    b.model,
+                    self.options.prompt_key,
+                    stage,
+                    reason,
+                    self.result.run_id,
+                )
             )
-        )
-        self.result.failures.append({"path": path, "stage": stage, "reason": reason})
-        self._count("failed")
+            self.result.failures.append({"path": failed, "stage": stage, "reason": reason})
+            if failed != path:  # a copy counted as skipped until now
+                self.result.skipped -= 1
+            self._count("failed")
+        if content_id is not None:
+            self._content_failures[content_id] = (stage, reason)
 
     def _count(self, outcome: str) -> None:
         setattr(self.result, outcome, getattr(self.result, outcome) + 1)

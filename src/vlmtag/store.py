@@ -246,6 +246,10 @@ class Store:
         )
         return {r[0] for r in rows}
 
+    def failure_paths(self) -> set[str]:
+        """Every path with a failure recorded, whatever the model."""
+        return {r[0] for r in self.conn.execute("SELECT DISTINCT path FROM failures")}
+
     def latest_annotations(
         self, *, model: str | None = None, path_prefix: str | None = None
     ) -> Iterator[dict[str, Any]]:
@@ -404,6 +408,8 @@ class FailureRow:
 
 @dataclass(slots=True)
 class Missing:
+    """Paths gone from disk: their files rows are marked not present, their failures go."""
+
     paths: list[str]
 
 
@@ -551,9 +557,9 @@ def _write(conn: sqlite3.Connection, row: object, rules: vocab.RulesCache | None
             ),
         )
     elif isinstance(row, Missing):
-        conn.executemany(
-            "UPDATE files SET present = 0 WHERE path = ?", [(db_text(p),) for p in row.paths]
-        )
+        paths = [(db_text(p),) for p in row.paths]
+        conn.executemany("UPDATE files SET present = 0 WHERE path = ?", paths)
+        conn.executemany("DELETE FROM failures WHERE path = ?", paths)
     else:  # pragma: no cover - a programming error, not a user one
         raise TypeError(f"unknown row {row!r}")
 

@@ -22,6 +22,7 @@ from vlmtag.http import (
     HTTPStatusError,
     RetryPolicy,
     get_json,
+    last_attempts,
     post_json,
     why,
 )
@@ -170,6 +171,7 @@ class OllamaBackend(ServerBackend):
                 ) from None
             raise
         reply.timings["request_seconds"] = time.monotonic() - started
+        reply.timings["attempts"] = float(last_attempts())
         return reply
 
 

@@ -26,6 +26,7 @@ from vlmtag.http import (
     RetryPolicy,
     decode_json,
     get_json,
+    last_attempts,
     post_json,
     why,
 )
@@ -214,6 +215,7 @@ class OpenAIBackend(ServerBackend):
                     continue
                 raise self._explain(exc) from None
             reply.timings["request_seconds"] = time.monotonic() - started
+            reply.timings["attempts"] = float(last_attempts())
             return reply
         raise InferenceError(
             f"{self.label} kept rejecting the request after {MAX_ADAPTATIONS} adaptations",
