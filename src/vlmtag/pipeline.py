@@ -588,9 +588,20 @@ class TagRun:
             if not self._ask_again(item, usable=False):
                 self._fail(writer, item.path, item.content_id, "parse", str(exc))
             return
-        whole = reply.tags is not None or (tags and (description or not request.description))
-        if self._ask_again(item, usable=bool(whole)):
-            return  # a cut-off answer: the next one is usually whole; else this one is kept
+        whole = bool(reply.tags is not None or (tags and (description or not request.description)))
+        if self._ask_again(item, usable=whole):
+            return  # a cut-off answer: the next one is usually whole
+        if not whole and item.asked and self._reask_misses < REASK_MISSES:
+            # Cut off twice: a failure that a rerun retries, not half an answer kept for
+            # ever. (A model that never answers whole stops the asking, and is kept.)
+            self._fail(
+                writer,
+                item.path,
+                item.content_id,
+                "parse",
+                "the answer was cut off twice (no description or no tags); rerun to ask again",
+            )
+            return
         writer.put(
             AnnotationRow(
                 content_id=item.content_id,
