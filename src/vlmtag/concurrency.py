@@ -1,11 +1,11 @@
 """How many requests to keep in flight at one server: fixed, or found as the run goes.
 
-`--workers auto` starts low and doubles while throughput grows with it; when latency
-climbs without a matching gain (the server queues instead of working in parallel) it
-settles on what the server really runs at once, measured by Little's law:
-parallelism = throughput x the latency of an unqueued request. It probes upward now and
-then, and halves on 503 / out-of-memory answers (the seed's FAQ: fewer workers when the
-GPU runs out of memory).
+`--workers auto` starts low and doubles while throughput (Little's law: requests in
+flight / latency) grows with it; when latency climbs without a matching gain (the server
+queues instead of working in parallel) it settles on the fewest requests in flight that
+gave nearly the best throughput seen, which is what the server really runs at once. It
+probes upward now and then, and halves on 503 / out-of-memory answers (the seed's FAQ:
+fewer workers when the GPU runs out of memory).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ GROWTH_SHARE = 0.5  # a step up must bring at least half of its ideal throughput
 QUEUED = 1.5  # latency this many times the unqueued one means requests wait at the server
 PROBE_EVERY = 6  # windows to stay put before trying one step up again
 MIN_WINDOW = 2  # completions per measurement window, at least
+KNEE_SHARE = 0.9  # settle on the fewest in flight that reach this share of the best rate
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Limiter:
         self._window = Window(limit)
         self._previous: Window | None = None
         self._base_latency: float | None = None
+        self._rates: dict[int, float] = {}  # limit -> its latest measured throughput
+        self._warm = False
         self._growing = adaptive
         self._calm = 0  # windows since the last change
 
@@ -101,16 +104,24 @@ class Limiter:
         """Feed one completed request; adjust the limit at the end of each window."""
         if not self.adaptive:
             return
+        if not self._warm:
+            # The first answer of a run includes loading the model (seconds to minutes on
+            # Ollama): it would make one request at a time look far slower than it is.
+            self._warm = True
+            return
         window = self._window
         window.latencies.append(latency)
         window.in_flight.append(in_flight)
-        if len(window.latencies) < max(MIN_WINDOW, window.limit):
+        # One round of the limit's requests; one answer is enough at a limit of 1 (after the
+        # warm-up), which shortens the climb for servers that run many at once.
+        if len(window.latencies) < (1 if window.limit == 1 else max(MIN_WINDOW, window.limit)):
             return
         self._decide(window)
 
     def _decide(self, window: Window) -> None:
         if self._base_latency is None or window.latency() < self._base_latency:
             self._base_latency = window.latency()
+        self._rates[window.limit] = window.throughput()
         previous, self._previous = self._previous, window
         queued = window.latency() > QUEUED * self._base_latency
         if previous is not None and previous.limit < window.limit:
@@ -133,10 +144,15 @@ class Limiter:
             self._window = Window(self.limit)
 
     def _settle(self, window: Window) -> None:
-        """Use the parallelism the server showed: throughput x unqueued latency."""
+        """Take the fewest requests in flight that gave (nearly) the best throughput seen.
+
+        Each limit's latest throughput is remembered: settling on the knee of that curve
+        holds up where the client's own overhead makes latency alone look like queueing.
+        """
         self._growing = False
-        parallel = round(window.throughput() * (self._base_latency or window.latency()))
-        self._set(max(1, min(self.maximum, parallel, window.limit)))
+        best = max(self._rates.values())
+        knee = min(n for n, rate in self._rates.items() if rate >= KNEE_SHARE * best)
+        self._set(max(1, min(self.maximum, knee)))
 
     def _set(self, limit: int) -> None:
         if limit != self.limit:
