@@ -31,17 +31,19 @@ def test_auto_finds_the_servers_parallelism(slots):
     limiter = Limiter.auto()
     seen = drive(limiter, slots, 0.25)
     tail = seen[-200:]
-    # Mostly at the server's parallelism, with short probes one step above it.
+    # Mostly at the server's parallelism, with short probes one step above and below it.
+    step = max(1, slots // 4)
     assert max(set(tail), key=tail.count) == slots
     assert sum(1 for n in tail if n == slots) / len(tail) > 0.7
-    assert min(tail) >= slots
+    assert slots - step <= min(tail) and max(tail) <= slots + step
 
 
 def test_one_at_a_time_server_stays_at_one():
     limiter = Limiter.auto()
     seen = drive(limiter, 1, 20.0)
-    assert seen[-1] == 1 or seen[-2] == 1
-    assert max(seen) <= 2
+    tail = seen[-200:]
+    assert tail.count(1) / len(tail) > 0.7  # at 1, but for short probes of 2
+    assert max(tail) <= 2
 
 
 def test_batching_server_climbs_to_dozens():

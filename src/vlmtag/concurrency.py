@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-AUTO_START = 1  # a server that runs one request at a time must never see more than it needs
+AUTO_START = 2  # probes down find 1 for a server that runs one request at a time
 AUTO_MAX = 64  # vLLM's continuous batching gains little past this for one client
 GROWTH_SHARE = 0.5  # a step up must bring at least half of its ideal throughput gain
 QUEUED = 1.5  # latency this many times the unqueued one means requests wait at the server
@@ -56,6 +56,8 @@ class Limiter:
         self._base_latency: float | None = None
         self._rates: dict[int, float] = {}  # limit -> its latest measured throughput
         self._warm = False
+        self._probing = False
+        self._probe_up = False  # the direction of the last probe
         self._growing = adaptive
         self._calm = 0  # windows since the last change
 
@@ -137,9 +139,22 @@ class Limiter:
         if self._growing:
             self._set(min(self.maximum, self.limit * 2))
             return
+        if self._probing:  # the window after a probe: keep whichever limit paid best
+            self._probing = False
+            self._settle(window)
+            return
         self._calm += 1
-        if self._calm >= PROBE_EVERY and self.limit < self.maximum:
-            self._set(self.limit + max(1, self.limit // 4))
+        if self._calm < PROBE_EVERY:
+            self._window = Window(self.limit)
+            return
+        # Probe one step away, up and down in turn: up finds a server that got faster,
+        # down finds that fewer in flight do as well (a server that runs one at a time).
+        self._probe_up = not self._probe_up
+        step = max(1, self.limit // 4)
+        target = self.limit + step if self._probe_up else self.limit - step
+        if 1 <= target <= self.maximum:
+            self._probing = True
+            self._set(target)
         else:
             self._window = Window(self.limit)
 
