@@ -408,3 +408,17 @@ def _wait_for_rows(db: Path, n: int, timeout: float = 30) -> None:
                 pass
         time.sleep(0.05)
     raise AssertionError(f"fewer than {n} annotations after {timeout} s")
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    from vlmtag.cli import cli
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert {"tag", "show", "export", "failures", "search", "tags", "bench", "doctor"} <= set(
+        cli.commands
+    )
+    for name, command in cli.commands.items():
+        assert command.help and command.help.strip(), name
+        assert f"vlmtag {name}" in readme, f"README does not show `vlmtag {name}`"
+    for flag in ("--workers", "--resize", "--preset", "--language", "--retry-failed", "--embed"):
+        assert flag in readme, flag
