@@ -479,22 +479,3 @@ def test_unusable_db_file_is_a_clear_error_and_left_untouched(tmp_path, spoil, r
         other = vlmtag(*command, db=db)
         assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr
     assert db.read_bytes() == before
-
-
-def test_an_answer_cut_off_twice_is_a_failure_a_rerun_fixes(tmp_path):
-    """Half an answer is never kept for ever: cut off twice, the image is a failure (with a
-    reason) that the next run asks again, and then it gets its whole answer."""
-    pics = tmp_path / "pics"
-    expected = paint_folder(pics, 1)
-    db = tmp_path / "v.db"
-    with FakeServer() as server:
-        server.fail_next("truncated", 2)
-        out = vlmtag("tag", str(pics), "--api-base", server.url, db=db)
-        assert out.returncode == 1, out.stderr
-        [failure] = json.loads(vlmtag("failures", "--json", db=db).stdout)
-        assert failure["stage"] == "parse" and "cut off twice" in failure["reason"]
-        out = vlmtag("tag", str(pics), "--api-base", server.url, db=db)
-        assert out.returncode == 0, out.stderr
-    ((path, fp),) = expected.items()
-    row = exported(db)[path]
-    assert fp in row["tags"] and fp in row["description"]

@@ -590,18 +590,7 @@ class TagRun:
             return
         whole = bool(reply.tags is not None or (tags and (description or not request.description)))
         if self._ask_again(item, usable=whole):
-            return  # a cut-off answer: the next one is usually whole
-        if not whole and item.asked and self._reask_misses < REASK_MISSES:
-            # Cut off twice: a failure that a rerun retries, not half an answer kept for
-            # ever. (A model that never answers whole stops the asking, and is kept.)
-            self._fail(
-                writer,
-                item.path,
-                item.content_id,
-                "parse",
-                "the answer was cut off twice (no description or no tags); rerun to ask again",
-            )
-            return
+            return  # a cut-off answer: the next one is usually whole; else keep what was read
         writer.put(
             AnnotationRow(
                 content_id=item.content_id,
