@@ -22,13 +22,13 @@ import io
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
 from multiprocessing import Pool
 
 import httpx
+from measure import run_measured
 from PIL import Image
 
 from vlmtag.bench import synthetic_jpegs
@@ -90,20 +90,10 @@ def run_seed(paths: list[str], url: str, db: str, batch: int = 100) -> None:
     conn.close()
 
 
-# Runs vlmtag in a child of its own, so RUSAGE_CHILDREN sees vlmtag's peak memory alone.
-_MEASURED = (
-    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)"
-)
-
-
 def run_vlmtag(folder: str, url: str, db: str) -> tuple[dict, int]:
     """vlmtag's summary and its peak RSS in KB."""
-    out = subprocess.run(
+    stdout, rss = run_measured(
         [
-            sys.executable,
-            "-c",
-            _MEASURED,
             sys.executable,
             "-m",
             "vlmtag",
@@ -116,12 +106,9 @@ def run_vlmtag(folder: str, url: str, db: str) -> tuple[dict, int]:
             "--model",
             "simulated",
             "--json",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
+        ]
     )
-    return json.loads(out.stdout), int(out.stderr.strip().splitlines()[-1])
+    return json.loads(stdout), rss
 
 
 def timed(fn, *args) -> tuple[float, object]:

@@ -12,19 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
+from measure import run_measured
+
 from vlmtag.prompts import build_request, prompt_key
 from vlmtag.simulate import SimulatedProcess
 from vlmtag.store import AnnotationRow, FileSeen, Store
-
-MEASURED = (
-    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)"
-)
 
 
 def build_library(folder: str, db: str, count: int) -> None:
@@ -61,11 +57,8 @@ def main() -> None:
             build_library(folder, db, count)
             with SimulatedProcess(4, 0.0) as sim:
                 t0 = time.perf_counter()
-                out = subprocess.run(
+                stdout, rss = run_measured(
                     [
-                        sys.executable,
-                        "-c",
-                        MEASURED,
                         sys.executable,
                         "-m",
                         "vlmtag",
@@ -78,16 +71,13 @@ def main() -> None:
                         "--model",
                         "simulated",
                         "--json",
-                    ],
-                    capture_output=True,
-                    text=True,
-                    check=True,
+                    ]
                 )
                 wall = time.perf_counter() - t0
                 sim.proc.terminate()
                 served = json.loads(sim.proc.stderr.read().strip().splitlines()[-1])["served"]
-            summary = json.loads(out.stdout)
-            rss = int(out.stderr.strip().splitlines()[-1]) / 1024
+            summary = json.loads(stdout)
+            rss = rss / 1024
             print(
                 f"{count} tagged files: rerun {wall:.2f} s wall (process start included), "
                 f"skipped {summary['skipped']}, requests sent {served}, peak RSS {rss:.0f} MB"

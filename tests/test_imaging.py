@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
+from unprivileged import as_unprivileged
 from vlmtag.errors import ImageError
 from vlmtag.imaging import DEFAULT_MAX_PIXELS, fit_within, prepare
 
@@ -553,28 +554,3 @@ def test_permission_denied(photos_dir):
             return "decoded"
 
         assert as_unprivileged(attempt).startswith("permission denied")
-
-
-def as_unprivileged(fn: Callable[[], str]) -> str:
-    """fn() as user nobody when running as root (root reads a chmod 000 file anyway)."""
-    if os.geteuid() != 0:
-        return fn()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop privileges, report through the pipe, never return to pytest
-        try:
-            os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
-            out = fn()
-        except BaseException as err:  # noqa: BLE001 - reported to the parent
-            out = f"child failed: {err!r}"
-        os.write(write_end, out.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        out = pipe.read().decode()
-    os.waitpid(pid, 0)
-    if out.startswith("child failed: PermissionError"):
-        pytest.skip(f"running as root and cannot drop privileges: {out}")
-    return out

@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from unprivileged import as_unprivileged
 from vlmtag.errors import ImageError
 from vlmtag.scan import IMAGE_EXTENSIONS, FileStat, content_id, read_file, walk
 
@@ -298,28 +298,3 @@ def test_content_id_is_sha256_hex(photos_dir):
     assert content_id(data) == hashlib.sha256(data).hexdigest()
     assert content_id(data) != content_id(data + b"\0")
     assert len(content_id(data)) == 64
-
-
-def as_unprivileged(fn: Callable[[], str]) -> str:
-    """fn() as user nobody when running as root (root reads a chmod 000 folder anyway)."""
-    if os.geteuid() != 0:
-        return fn()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop privileges, report through the pipe, never return to pytest
-        try:
-            os.close(read_end)
-            os.setgid(65534)
-            os.setuid(65534)
-            out = fn()
-        except BaseException as err:  # noqa: BLE001 - reported to the parent
-            out = f"child failed: {err!r}"
-        os.write(write_end, out.encode())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        out = pipe.read().decode()
-    os.waitpid(pid, 0)
-    if out.startswith("child failed: PermissionError"):
-        pytest.skip(f"running as root and cannot drop privileges: {out}")
-    return out

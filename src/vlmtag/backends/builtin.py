@@ -22,7 +22,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
-from vlmtag.backends.inprocess import cores, one_line, pixels_of
+from vlmtag.backends.inprocess import InProcessBackend, cores, one_line, pixels_of
 from vlmtag.colours import dominant_colours, orientation
 from vlmtag.errors import InferenceError, SetupError, UsageError
 
@@ -148,7 +148,7 @@ def make_reply(
     return Reply(text=text, tags=tags, description=description)
 
 
-class BuiltinBackend:
+class BuiltinBackend(InProcessBackend):
     """EfficientNet-Lite0 on the CPU: batched, offline, loaded once per instance."""
 
     name = "builtin"
@@ -174,12 +174,6 @@ class BuiltinBackend:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="vlmtag-builtin")
             loop = asyncio.get_running_loop()
             self._classifier = await loop.run_in_executor(self._executor, _Classifier.load)
-
-    async def infer(self, image: PreparedImage, request: Request) -> Reply:
-        result = (await self.infer_batch([image], request))[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
 
     async def infer_batch(
         self, images: list[PreparedImage], request: Request

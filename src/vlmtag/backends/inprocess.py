@@ -6,7 +6,7 @@ import io
 import os
 from typing import TYPE_CHECKING
 
-from vlmtag.backends.base import PreparedImage
+from vlmtag.backends.base import PreparedImage, Reply, Request
 from vlmtag.errors import InferenceError
 
 if TYPE_CHECKING:
@@ -38,3 +38,21 @@ def one_line(exc: BaseException | None) -> str:
     """The first line of an exception's text, or its type's name: fit for a message."""
     text = str(exc).strip() if exc is not None else ""
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class InProcessBackend:
+    """A model run in this process: it batches, so one image is a batch of one."""
+
+    wants_pixels = True
+    default_workers = 1
+
+    async def infer(self, image: PreparedImage, request: Request) -> Reply:
+        result = (await self.infer_batch([image], request))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def infer_batch(
+        self, images: list[PreparedImage], request: Request
+    ) -> list[Reply | Exception]:
+        raise NotImplementedError

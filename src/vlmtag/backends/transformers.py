@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
-from vlmtag.backends.inprocess import cores, one_line, pixels_of
+from vlmtag.backends.inprocess import InProcessBackend, cores, one_line, pixels_of
 from vlmtag.errors import InferenceError, SetupError
 
 CPU_BATCH_SIZE = 4
@@ -28,7 +28,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
 
-class TransformersBackend:
+class TransformersBackend(InProcessBackend):
     """A vision-language model run in this process with transformers."""
 
     name = "transformers"
@@ -65,12 +65,6 @@ class TransformersBackend:
                 # Resolve first: a wrong path fails at once, before the slow imports.
                 where = _resolve(self._source)
                 self._loaded = await asyncio.to_thread(_load, where, self.device)
-
-    async def infer(self, image: PreparedImage, request: Request) -> Reply:
-        result = (await self.infer_batch([image], request))[0]
-        if isinstance(result, Exception):
-            raise result
-        return result
 
     async def infer_batch(
         self, images: list[PreparedImage], request: Request
