@@ -55,6 +55,17 @@ def vlmtag(*args: str, db: Path, timeout: float = 120, **kw) -> subprocess.Compl
     )
 
 
+def start_tag(pics: Path, url: str, db: Path, *extra: str) -> subprocess.Popen:
+    """`vlmtag tag` running in the background, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "vlmtag", "tag", str(pics), "--api-base", url, "--db", str(db)]
+        + list(extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def exported(db: Path) -> dict[str, dict]:
     out = vlmtag("export", "--format", "jsonl", db=db)
     assert out.returncode == 0, out.stderr
@@ -299,25 +310,7 @@ def test_ctrl_c_stops_cleanly_and_rerun_finishes(tmp_path):
     expected = paint_folder(pics, 30)
     db = tmp_path / "v.db"
     with FakeServer(latency=0.3, slots=2) as server:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vlmtag",
-                "tag",
-                str(pics),
-                "--api-base",
-                server.url,
-                "--workers",
-                "2",
-                "--db",
-                str(db),
-                "--json",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_tag(pics, server.url, db, "--workers", "2", "--json")
         _wait_for_rows(db, 2)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=60)
@@ -338,23 +331,7 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(tmp_path):
     expected = paint_folder(pics, 30)
     db = tmp_path / "v.db"
     with FakeServer(latency=0.1, slots=4) as server:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vlmtag",
-                "tag",
-                str(pics),
-                "--api-base",
-                server.url,
-                "--workers",
-                "4",
-                "--db",
-                str(db),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = start_tag(pics, server.url, db, "--workers", "4")
         _wait_for_rows(db, 5)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

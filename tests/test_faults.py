@@ -22,21 +22,11 @@ from pathlib import Path
 import pytest
 
 from fakeserver import FakeServer
-from test_cli import exported, paint_folder, vlmtag
+from test_cli import exported, paint_folder, start_tag, vlmtag
 
 FAKESERVER = Path(__file__).with_name("fakeserver.py")
 # Short enough to keep the tests quick, long enough for a loaded 2-core CI machine.
 TIMEOUT = ["--timeout", "1"]
-
-
-def start_tag(pics: Path, url: str, db: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vlmtag", "tag", str(pics), "--api-base", url, "--db", str(db)]
-        + list(extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def committed(db: Path) -> dict[str, str]:

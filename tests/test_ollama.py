@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb, solid_jpeg
-from vlmtag.backends.base import Backend, BackendOptions, PreparedImage, Reply, Request
+from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
+from serverkit import image, make_backend, run
+from vlmtag.backends.base import Backend, PreparedImage, Reply, Request
 from vlmtag.backends.ollama import OllamaBackend, decode_chat, has_vision_hints, normalise_base
 from vlmtag.errors import InferenceError, SetupError
 from vlmtag.http import BrokenAnswer
@@ -33,25 +33,8 @@ REQUEST = Request(
 )
 
 
-def image(rgb: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> PreparedImage:
-    return PreparedImage(solid_jpeg(rgb, size), "image/jpeg", *size, *size)
-
-
 def backend(url: str, model: str = "qwen3-vl:4b", **options: Any) -> OllamaBackend:
-    settings = {"timeout": 5.0, "retries": 2, **options}
-    return OllamaBackend(BackendOptions(model=model, api_base=[url], **settings), backoff=0.01)
-
-
-def run(ollama: OllamaBackend, work: Callable[[OllamaBackend], Awaitable[Any]], start=True):
-    async def go() -> Any:
-        try:
-            if start:
-                await ollama.start()
-            return await work(ollama)
-        finally:
-            await ollama.close()
-
-    return asyncio.run(go())
+    return make_backend(OllamaBackend, url, model, **options)
 
 
 def tag(server: FakeServer, rgb=TEST_COLOURS["red"], **options: Any) -> Reply:

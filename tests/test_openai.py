@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb, solid_jpeg
-from vlmtag.backends.base import Backend, BackendOptions, PreparedImage, Reply, Request
+from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
+from serverkit import image, make_backend, run
+from vlmtag.backends.base import Backend, BackendOptions, Reply, Request
 from vlmtag.backends.openai import OpenAIBackend, is_strict_schema, normalise_base
 from vlmtag.errors import InferenceError, SetupError
 
@@ -33,25 +33,8 @@ REQUEST = Request(
 RED = TEST_COLOURS["red"]
 
 
-def image(rgb: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> PreparedImage:
-    return PreparedImage(solid_jpeg(rgb, size), "image/jpeg", *size, *size)
-
-
 def backend(url: str, model: str = "qwen3-vl:4b", **options: Any) -> OpenAIBackend:
-    settings = {"timeout": 5.0, "retries": 2, **options}
-    return OpenAIBackend(BackendOptions(model=model, api_base=[url], **settings), backoff=0.01)
-
-
-def run(client: OpenAIBackend, work: Callable[[OpenAIBackend], Awaitable[Any]], start=True):
-    async def go() -> Any:
-        try:
-            if start:
-                await client.start()
-            return await work(client)
-        finally:
-            await client.close()
-
-    return asyncio.run(go())
+    return make_backend(OpenAIBackend, url, model, **options)
 
 
 def tag(server: FakeServer, rgb=RED, **options: Any) -> Reply:
