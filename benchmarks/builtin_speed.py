@@ -1,7 +1,7 @@
 """How fast the builtin backend tags 12 MP JPEGs end to end: decode + classify, images/s.
 
 (a) naive: full decode (open().convert("RGB")), resize, one image at a time through the model.
-(b) vlmtag: draft decode with vlmtag.imaging.prepare in a thread pool, pipelined with batched
+(b) vlmtag: draft decode with vlmtag.ingest.imaging.prepare in a thread pool, pipelined with batched
     inference through BuiltinBackend.infer_batch, as the tagging pipeline runs it.
 (c) with --cli: the real `vlmtag tag` over the folder (hashing and SQLite included).
 
@@ -27,9 +27,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from vlmtag.backends.base import BackendOptions, Request  # noqa: E402
-from vlmtag.backends.builtin import BuiltinBackend, torch_threads  # noqa: E402
-from vlmtag.imaging import prepare  # noqa: E402
+from vlmtag.ingest.imaging import prepare  # noqa: E402
+from vlmtag.models.base import BackendOptions, Request  # noqa: E402
+from vlmtag.models.builtin import BuiltinBackend, torch_threads  # noqa: E402
 
 SOURCES = [ROOT / "examples", ROOT / "tests" / "photos"]
 PHOTO_SIZE = (4000, 3000)
@@ -151,7 +151,7 @@ async def _model_only(backend: BuiltinBackend, request: Request, path: Path) -> 
 
 
 async def _run_naive(backend: BuiltinBackend, request: Request, files: list[Path]) -> float:
-    from vlmtag.backends.base import PreparedImage
+    from vlmtag.models.base import PreparedImage
 
     started = time.perf_counter()
     for path in files:

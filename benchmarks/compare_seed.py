@@ -1,7 +1,7 @@
 """vlmtag against the naive loop and the seed's own recipe, side by side in one run.
 
 Each contestant tags the same 12 MP JPEGs through the same simulated Ollama server
-(`python -m vlmtag.simulate`, in its own process) and stores tags in its own SQLite file:
+(`python -m vlmtag.measure.simulate`, in its own process) and stores tags in its own SQLite file:
 
   naive   one image at a time: Image.open().convert().resize((512, 512)), one POST,
           one INSERT + commit
@@ -31,8 +31,8 @@ import httpx
 from measure import run_measured
 from PIL import Image
 
-from vlmtag.bench import synthetic_jpegs
-from vlmtag.simulate import SimulatedProcess
+from vlmtag.measure.bench import synthetic_jpegs
+from vlmtag.measure.simulate import SimulatedProcess
 
 PROMPT = 'List up to 20 tags for this image as JSON: {"tags": [...]}'
 

@@ -1,4 +1,4 @@
-"""How fast vlmtag.imaging.prepare turns 12 MP JPEGs into model-sized images, against the naive way.
+"""How fast imaging.prepare turns 12 MP JPEGs into model-sized images, against the naive way.
 
     python benchmarks/decode_speed.py                 # 12 generated 12 MP JPEGs
     python benchmarks/decode_speed.py photo1.jpg ...  # your own files
@@ -25,7 +25,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vlmtag.imaging import prepare  # noqa: E402 - after the src path is known
+from vlmtag.ingest.imaging import prepare  # noqa: E402 - after the src path is known
 
 EXAMPLES = ROOT / "examples"
 BIG = (4000, 3000)

@@ -18,9 +18,9 @@ import time
 
 from measure import run_measured
 
-from vlmtag.prompts import build_request, prompt_key
-from vlmtag.simulate import SimulatedProcess
-from vlmtag.store import AnnotationRow, FileSeen, Store
+from vlmtag.library.db import AnnotationRow, FileSeen, Store
+from vlmtag.measure.simulate import SimulatedProcess
+from vlmtag.models.prompts import build_request, prompt_key
 
 
 def build_library(folder: str, db: str, count: int) -> None:

@@ -27,8 +27,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vlmtag import semantic  # noqa: E402 - after the src path is known
-from vlmtag.store import Store, now  # noqa: E402
+from vlmtag.library import semantic  # noqa: E402 - after the src path is known
+from vlmtag.library.db import Store, now  # noqa: E402
 
 WORDS = [
     "dog",

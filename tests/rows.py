@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmtag.store import AnnotationRow, FileSeen, Store
+from vlmtag.library.db import AnnotationRow, FileSeen, Store
 
 
 def annotation(

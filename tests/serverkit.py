@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fakeserver import solid_jpeg
-from vlmtag.backends.base import BackendOptions, PreparedImage
+from vlmtag.models.base import BackendOptions, PreparedImage
 
 B = TypeVar("B")
 

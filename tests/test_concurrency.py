@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from vlmtag.concurrency import Limiter
+from vlmtag.run.limiter import Limiter
 
 
 def server_latency(limit: int, slots: int, seconds: float, batch_cost: float = 0.0) -> float:

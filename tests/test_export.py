@@ -17,9 +17,9 @@ from PIL import Image
 
 from fakeserver import FakeServer
 from vlmtag.cli import cli
-from vlmtag.export import Placement, UnsafePath, common_folder
-from vlmtag.scan import content_id
-from vlmtag.store import AnnotationRow, FileSeen, Store
+from vlmtag.ingest.scan import content_id
+from vlmtag.library.db import AnnotationRow, FileSeen, Store
+from vlmtag.output.files import Placement, UnsafePath, common_folder
 
 needs_exiftool = pytest.mark.skipif(
     shutil.which("exiftool") is None, reason="exiftool not installed (libimage-exiftool-perl)"

@@ -13,7 +13,7 @@ import pytest
 
 from fakeserver import FakeServer
 from vlmtag.errors import InferenceError, ServerGoneError
-from vlmtag.http import (
+from vlmtag.models.http import (
     BROKEN_ANSWER_RETRIES,
     BrokenAnswer,
     HTTPStatusError,

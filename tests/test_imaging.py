@@ -20,7 +20,7 @@ from PIL import Image
 
 from unprivileged import as_unprivileged
 from vlmtag.errors import ImageError
-from vlmtag.imaging import DEFAULT_MAX_PIXELS, fit_within, prepare
+from vlmtag.ingest.imaging import DEFAULT_MAX_PIXELS, fit_within, prepare
 
 # A 3x2 grid of far-apart colours: any flip or rotation moves a colour to another cell.
 GRID = [
@@ -413,7 +413,7 @@ def test_heic_round_trip():
 
 def test_heif_is_not_imported_until_a_heif_file_comes(photos_dir):
     code = (
-        "import sys; import vlmtag.imaging as m; "
+        "import sys; import vlmtag.ingest.imaging as m; "
         f"m.prepare({str(photos_dir / 'chelsea.jpg')!r}, (64, 64)); "
         "assert 'pillow_heif' not in sys.modules, 'imported too early'"
     )

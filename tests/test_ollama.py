@@ -12,10 +12,10 @@ import pytest
 
 from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
 from serverkit import image, make_backend, run
-from vlmtag.backends.base import Backend, PreparedImage, Reply, Request
-from vlmtag.backends.ollama import OllamaBackend, decode_chat, has_vision_hints, normalise_base
 from vlmtag.errors import InferenceError, SetupError
-from vlmtag.http import BrokenAnswer
+from vlmtag.models.base import Backend, PreparedImage, Reply, Request
+from vlmtag.models.http import BrokenAnswer
+from vlmtag.models.ollama import OllamaBackend, decode_chat, has_vision_hints, normalise_base
 
 SCHEMA = {
     "type": "object",

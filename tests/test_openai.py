@@ -12,9 +12,9 @@ import pytest
 
 from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
 from serverkit import image, make_backend, run
-from vlmtag.backends.base import Backend, BackendOptions, Reply, Request
-from vlmtag.backends.openai import OpenAIBackend, is_strict_schema, normalise_base
 from vlmtag.errors import InferenceError, SetupError
+from vlmtag.models.base import Backend, BackendOptions, Reply, Request
+from vlmtag.models.openai import OpenAIBackend, is_strict_schema, normalise_base
 
 SCHEMA = {
     "type": "object",

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vlmtag.errors import ParseError
-from vlmtag.parse import (
+from vlmtag.models.parse import (
     MAX_DESCRIPTION_CHARS,
     MAX_INPUT_CHARS,
     MAX_TAG_CHARS,

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from vlmtag.backends.base import Request
 from vlmtag.errors import ParseError, UsageError
-from vlmtag.parse import parse_answer
-from vlmtag.prompts import (
+from vlmtag.models.base import Request
+from vlmtag.models.parse import parse_answer
+from vlmtag.models.prompts import (
     LANGUAGES,
     MAX_TOKENS_CAP,
     NATIVE_LINES,
@@ -179,7 +179,7 @@ def test_prompt_key_is_pinned():
 
 def test_prompt_key_is_the_same_in_another_process():
     code = (
-        "from vlmtag.prompts import build_request, prompt_key;"
+        "from vlmtag.models.prompts import build_request, prompt_key;"
         "r = build_request(tag_count=20, description=True, language='zh');"
         "print(prompt_key(r, (768, 768)))"
     )

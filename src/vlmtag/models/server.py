@@ -2,15 +2,15 @@
 
 One instance talks to one server (the first of options.api_base); to spread work over
 several servers, the caller makes one instance per server. All HTTP goes through
-vlmtag.http, the one retry layer.
+vlmtag.models.http, the one retry layer.
 """
 
 from __future__ import annotations
 
 import httpx
 
-from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
-from vlmtag.http import RetryPolicy, infer_each, make_client
+from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.http import RetryPolicy, infer_each, make_client
 
 
 class ServerBackend:

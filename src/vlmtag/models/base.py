@@ -1,56 +1,16 @@
 """The one small interface every backend implements, and the registry that names them.
 
 A backend turns one prepared image plus a request into the model's answer text. It
-knows nothing of files, hashing or the store; parsing the text is shared (vlmtag.parse).
+knows nothing of files, hashing or the store; parsing the text is shared (vlmtag.models.parse).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-if TYPE_CHECKING:
-    from PIL.Image import Image
-
-
-@dataclass(frozen=True)
-class PreparedImage:
-    """An image ready to send: encoded bytes, and the decoded pixels for in-process models."""
-
-    data: bytes  # encoded image (JPEG, or PNG where transparency/line art matters)
-    mime: str  # "image/jpeg" or "image/png"
-    width: int  # size of the encoded image
-    height: int
-    source_width: int  # size of the original, after EXIF orientation
-    source_height: int
-    pixels: Image | None = None  # RGB PIL image, only kept when the backend wants pixels
-
-
-@dataclass(frozen=True)
-class Request:
-    """What to ask the model. The same for every image of a run."""
-
-    prompt: str  # user message text
-    system: str  # system message text ("" for none)
-    schema: dict[str, Any]  # JSON schema of an answer: {"tags": [...], "description": "..."}
-    max_tokens: int  # cap on generated tokens
-    tag_count: int
-    description: bool
-    language: str
-
-
-@dataclass
-class Reply:
-    """What the model said. `text` is parsed by vlmtag.parse unless `tags` is already set."""
-
-    text: str
-    # Server timing/usage fields where the server gives them, e.g. Ollama's
-    # total_duration, load_duration, prompt_eval_count, eval_count (durations in seconds).
-    timings: dict[str, float] = field(default_factory=dict)
-    # In-process classifiers answer with structured tags (tag, confidence) and skip parsing.
-    tags: list[tuple[str, float | None]] | None = None
-    description: str | None = None
+from vlmtag.types import PreparedImage, Reply, Request
 
 
 @runtime_checkable
@@ -130,7 +90,7 @@ def get_backend(name: str, options: BackendOptions) -> Backend:
     return cls(options)
 
 
-register("ollama", "vlmtag.backends.ollama", "OllamaBackend")
-register("openai", "vlmtag.backends.openai", "OpenAIBackend")
-register("builtin", "vlmtag.backends.builtin", "BuiltinBackend")
-register("transformers", "vlmtag.backends.transformers", "TransformersBackend")
+register("ollama", "vlmtag.models.ollama", "OllamaBackend")
+register("openai", "vlmtag.models.openai", "OpenAIBackend")
+register("builtin", "vlmtag.models.builtin", "BuiltinBackend")
+register("transformers", "vlmtag.models.transformers", "TransformersBackend")

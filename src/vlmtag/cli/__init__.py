@@ -14,7 +14,7 @@ import click
 from click.core import ParameterSource
 
 from vlmtag import __version__
-from vlmtag.cli_common import (
+from vlmtag.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_PARTIAL,
@@ -193,7 +193,7 @@ def tag(
     Exit codes: 0 every image tagged or skipped; 1 some images failed (see
     `vlmtag failures`) or the server went away; 2 usage or setup error; 130 interrupted.
     """
-    from vlmtag.tagging import run_tag
+    from vlmtag.run.job import run_tag
 
     settings = _settings(ctx, [*paths, *image_paths], flags)
     progress = None if (quiet or as_json or not sys.stderr.isatty()) else _bar()
@@ -213,7 +213,7 @@ def _settings(ctx: click.Context, paths: list[str], flags: dict[str, Any]):
     import os
 
     from vlmtag.config import Settings, apply_preset, normalise_backend, parse_resize
-    from vlmtag.store import default_db_path
+    from vlmtag.library.db import default_db_path
 
     explicit = {
         name
@@ -256,7 +256,7 @@ def _run(coro):
 
 
 def _bar():
-    from vlmtag.progressbar import Bar
+    from vlmtag.cli.progress import Bar
 
     return Bar()
 
@@ -334,8 +334,8 @@ def bench(
 
     Nothing is written to your database: the run goes to a temporary one.
     """
-    from vlmtag.bench import run_bench
-    from vlmtag.simulate import parse_simulate
+    from vlmtag.measure.bench import run_bench
+    from vlmtag.measure.simulate import parse_simulate
 
     settings = _settings(ctx, [], flags)
     report = _run(run_bench(settings, count, image_path, simulate and parse_simulate(simulate)))
@@ -369,9 +369,9 @@ def doctor(ctx: click.Context, no_parallel: bool, as_json: bool, **flags: Any) -
 
     Sends a few small test images (at most 1 + 2 + 4 + ... + 32 requests).
     """
-    from vlmtag.doctor import examine
-    from vlmtag.prompts import build_request
-    from vlmtag.tagging import make_backends
+    from vlmtag.measure.doctor import examine
+    from vlmtag.models.prompts import build_request
+    from vlmtag.run.job import make_backends
 
     settings = _settings(ctx, [], flags)
     request = build_request(
@@ -473,8 +473,8 @@ def _register_commands() -> None:
 
 # (module, click commands it defines), registered on the `vlmtag` group.
 COMMAND_MODULES: list[tuple[str, list[str]]] = [
-    ("vlmtag.cli_find", ["search", "tags"]),
-    ("vlmtag.cli_export", ["export"]),
+    ("vlmtag.cli.find", ["search", "tags"]),
+    ("vlmtag.cli.export", ["export"]),
 ]
 
 

@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
-from vlmtag.backends.inprocess import InProcessBackend, cores, one_line, pixels_of
 from vlmtag.errors import InferenceError, SetupError
+from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.inprocess import InProcessBackend, cores, one_line, pixels_of
 
 CPU_BATCH_SIZE = 4
 CUDA_BATCH_SIZE = 8

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vlmtag.errors import StoreError, UsageError
-from vlmtag.parse import normalise_tags
+from vlmtag.models.parse import normalise_tags
 
 if TYPE_CHECKING:
-    from vlmtag.store import Store
+    from vlmtag.library.db import Store
 
 # bm25 weights of the index columns (tags, description, tagkeys): a word among the tags says
 # more about the image than the same word somewhere in a sentence.
@@ -437,7 +437,7 @@ def search(
     details: bool = False,
 ) -> list[Hit]:
     """Present files whose current annotations match query, best first, each file once."""
-    from vlmtag.store import db_text
+    from vlmtag.library.db import db_text
 
     match = compile_query(query)
     ensure_index(store)

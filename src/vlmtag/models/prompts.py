@@ -8,8 +8,8 @@ import hashlib
 import json
 from typing import Any
 
-from vlmtag.backends.base import Request
 from vlmtag.errors import UsageError
+from vlmtag.models.base import Request
 
 # code -> English name. The name goes into the English instruction; NATIVE_LINES repeats it in
 # the language itself because small models follow an instruction in the target language better.

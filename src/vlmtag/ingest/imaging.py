@@ -15,9 +15,9 @@ from typing import IO
 
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from vlmtag.backends.base import PreparedImage
 from vlmtag.errors import ImageError
-from vlmtag.scan import describe_os_error
+from vlmtag.ingest.scan import describe_os_error
+from vlmtag.models.base import PreparedImage
 
 DEFAULT_MAX_PIXELS = 100_000_000
 

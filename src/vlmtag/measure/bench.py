@@ -16,9 +16,9 @@ import tempfile
 from dataclasses import replace
 from typing import Any
 
-from vlmtag import scan
 from vlmtag.config import Settings
 from vlmtag.errors import UsageError
+from vlmtag.ingest import scan
 
 SYNTHETIC_SIZE = (4000, 3000)  # 12 MP, like a phone photo
 SYNTHETIC_BASES = 4  # distinct pictures; copies differ by a trailer so each has its own hash
@@ -88,8 +88,8 @@ def server_seconds(db: str) -> float:
 async def run_bench(
     settings: Settings, count: int, image_path: str | None, simulate: tuple[int, float] | None
 ) -> dict[str, Any]:
-    from vlmtag.simulate import SimulatedProcess
-    from vlmtag.tagging import run_tag
+    from vlmtag.measure.simulate import SimulatedProcess
+    from vlmtag.run.job import run_tag
 
     with tempfile.TemporaryDirectory(prefix="vlmtag-bench-") as tmp:
         images = os.path.join(tmp, "images")

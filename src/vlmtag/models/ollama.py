@@ -2,7 +2,7 @@
 
 One instance talks to one server (the first of options.api_base); to spread work over
 several servers, make one instance per server with `dataclasses.replace(options,
-api_base=[url])`. All HTTP goes through vlmtag.http, the one retry layer.
+api_base=[url])`. All HTTP goes through vlmtag.models.http, the one retry layer.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import Any
 
 import httpx
 
-from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
-from vlmtag.backends.server import ServerBackend
 from vlmtag.errors import InferenceError, SetupError
-from vlmtag.http import (
+from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.http import (
     BrokenAnswer,
     HTTPStatusError,
     RetryPolicy,
@@ -26,6 +25,7 @@ from vlmtag.http import (
     post_json,
     why,
 )
+from vlmtag.models.server import ServerBackend
 
 DEFAULT_API_BASE = "http://127.0.0.1:11434"
 START_TIMEOUT = 30.0  # /api/version and /api/show answer from metadata, never from the model

@@ -1,6 +1,6 @@
 """`vlmtag search` and `vlmtag tags`: find images by words, and look after the tag vocabulary.
 
-Parsing and rendering only; the work is in vlmtag.search and vlmtag.vocab.
+Parsing and rendering only; the work is in vlmtag.library.search and vlmtag.library.vocab.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 
 import click
 
-from vlmtag.cli_common import db_option, fail, friendly_errors, open_store
+from vlmtag.cli.common import db_option, fail, friendly_errors, open_store
 
 SEMANTIC_LIMIT = 20  # meaning-based search ranks every image: show the best few by default
 
@@ -85,8 +85,8 @@ def search(
     text = " ".join(query)
     store = open_store(db)
     prefix = _path_prefix(path)
-    from vlmtag.search import has_cjk
-    from vlmtag.search import search as run_search
+    from vlmtag.library.search import has_cjk
+    from vlmtag.library.search import search as run_search
 
     if semantic and has_cjk(text):
         # The embedding model (all-MiniLM-L6-v2) is English-only: most CJK characters are
@@ -119,9 +119,9 @@ def search(
 
 def _semantic(store, text, model, prefix, limit, as_json, print0) -> None:
     try:
-        from vlmtag.semantic import semantic_search
+        from vlmtag.library.semantic import semantic_search
     except ModuleNotFoundError as exc:
-        if exc.name != "vlmtag.semantic":
+        if exc.name != "vlmtag.library.semantic":
             raise
         fail("this vlmtag has no semantic search; search words without --semantic")
     results = semantic_search(store, text, limit=limit, model=model, path_prefix=prefix)
@@ -166,7 +166,7 @@ def tags(ctx: click.Context, db: str | None, model: str | None, limit: int | Non
     ctx.obj["db"] = db
     if ctx.invoked_subcommand is not None:
         return
-    from vlmtag.vocab import tag_counts
+    from vlmtag.library.vocab import tag_counts
 
     counts = tag_counts(open_store(db), model=model, limit=limit)
     if as_json:
@@ -191,7 +191,7 @@ def _store(ctx: click.Context, db: str | None):
 @friendly_errors
 def rename(ctx: click.Context, old: str, new: str, db: str | None) -> None:
     """Rename tag OLD to NEW on every image, and in later runs."""
-    from vlmtag.vocab import rename as do_rename
+    from vlmtag.library.vocab import rename as do_rename
 
     changed = do_rename(_store(ctx, db), old, new)
     click.echo(f"renamed {old!r} to {new!r} on {changed} annotations; later runs do the same")
@@ -204,7 +204,7 @@ def rename(ctx: click.Context, old: str, new: str, db: str | None) -> None:
 @friendly_errors
 def merge(ctx: click.Context, words: tuple[str, ...], db: str | None) -> None:
     """Merge tags A, B... into C on every image, and in later runs."""
-    from vlmtag.vocab import merge as do_merge
+    from vlmtag.library.vocab import merge as do_merge
 
     if words.count("INTO") != 1 or words[-2:-1] != ("INTO",) or words[0] == "INTO":
         fail("write: vlmtag tags merge A [B...] INTO C  (INTO in capitals, one tag after it)")
@@ -220,7 +220,7 @@ def merge(ctx: click.Context, words: tuple[str, ...], db: str | None) -> None:
 @friendly_errors
 def drop(ctx: click.Context, tag: str, db: str | None) -> None:
     """Remove TAG from every image, and from later runs."""
-    from vlmtag.vocab import drop as do_drop
+    from vlmtag.library.vocab import drop as do_drop
 
     changed = do_drop(_store(ctx, db), tag)
     click.echo(f"dropped {tag!r} from {changed} annotations; later runs drop it too")
@@ -239,7 +239,7 @@ def apply_file(ctx: click.Context, file: str, db: str | None) -> None:
       kitty, kitten => cat     rename to cat
       -blurry                  drop
     """
-    from vlmtag.vocab import DROP, apply_rules_file
+    from vlmtag.library.vocab import DROP, apply_rules_file
 
     edits, changed = apply_rules_file(_store(ctx, db), file)
     drops = sum(e.action == DROP for e in edits)
@@ -258,7 +258,7 @@ def apply_file(ctx: click.Context, file: str, db: str | None) -> None:
 @friendly_errors
 def add(ctx, path: str, tag_names: tuple[str, ...], db: str | None, model: str | None) -> None:
     """Add tags to one image by hand (a re-tag with --force keeps them)."""
-    from vlmtag.vocab import add_tags
+    from vlmtag.library.vocab import add_tags
 
     added = add_tags(_store(ctx, db), os.path.abspath(path), tag_names, model=model)
     click.echo(f"added {added} tags to {os.path.abspath(path)}")
@@ -272,7 +272,7 @@ def add(ctx, path: str, tag_names: tuple[str, ...], db: str | None, model: str |
 @friendly_errors
 def remove(ctx, path: str, tag_names: tuple[str, ...], db: str | None) -> None:
     """Remove tags from one image (a model's tag returns if it re-tags with --force)."""
-    from vlmtag.vocab import remove_tags
+    from vlmtag.library.vocab import remove_tags
 
     removed = remove_tags(_store(ctx, db), os.path.abspath(path), tag_names)
     click.echo(f"removed {removed} tags from {os.path.abspath(path)}")

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from vlmtag.cli_common import EXIT_PARTIAL, db_option, fail, friendly_errors, open_store
+from vlmtag.cli.common import EXIT_PARTIAL, db_option, fail, friendly_errors, open_store
 
 FORMATS = ("jsonl", "json", "csv", "txt", "xmp")
 # Skips that are the point of a flag or of a rerun: counted, not listed.
@@ -153,7 +153,7 @@ def _rows(store: Any, model: str | None, folder: str | None) -> Iterator[dict[st
 
 
 def _export_stream(store, model, folder, fmt: str, out: str | None, dry_run: bool) -> None:
-    from vlmtag.export import write_rows
+    from vlmtag.output.files import write_rows
 
     rows = _rows(store, model, folder)
     where = out or "standard output"
@@ -172,7 +172,7 @@ def _export_stream(store, model, folder, fmt: str, out: str | None, dry_run: boo
 def _export_files(
     store, model, folder, fmt, out, sidecar_name, caption, skip_existing, dry_run
 ) -> None:
-    from vlmtag.export import Placement, common_folder, export_files
+    from vlmtag.output.files import Placement, common_folder, export_files
 
     root = None
     if folder is not None:
@@ -200,7 +200,7 @@ def _export_files(
 
 
 def _export_embedded(store, model, folder, overwrite_original: bool, dry_run: bool) -> None:
-    from vlmtag.embed import ExifTool, embed
+    from vlmtag.output.embed import ExifTool, embed
 
     with ExifTool() as exiftool:
         outcomes = embed(

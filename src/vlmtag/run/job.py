@@ -11,12 +11,12 @@ import os
 import signal
 from dataclasses import replace
 
-from vlmtag.backends.base import Backend, BackendOptions, get_backend
 from vlmtag.config import DEFAULT_MODEL, Settings, resolve_api_base
 from vlmtag.errors import UsageError
-from vlmtag.pipeline import AUTO, Progress, RunOptions, RunResult, TagRun
-from vlmtag.prompts import build_request, prompt_key
-from vlmtag.store import Store, default_db_path
+from vlmtag.library.db import Store, default_db_path
+from vlmtag.models.base import Backend, BackendOptions, get_backend
+from vlmtag.models.prompts import build_request, prompt_key
+from vlmtag.run.pipeline import AUTO, Progress, RunOptions, RunResult, TagRun
 
 # Backends whose answers are not a VLM's: no description unless asked for.
 NO_DESCRIPTION_BY_DEFAULT = {"builtin"}

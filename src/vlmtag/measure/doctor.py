@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmtag.backends.base import Backend, PreparedImage, Request
 from vlmtag.config import without_credentials
+from vlmtag.models.base import Backend, PreparedImage, Request
 
 MAX_PROBE = 32  # most requests sent at once while measuring
 GAIN_TO_GO_ON = 1.3  # keep doubling while throughput grows at least this much

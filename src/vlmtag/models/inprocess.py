@@ -6,8 +6,8 @@ import io
 import os
 from typing import TYPE_CHECKING
 
-from vlmtag.backends.base import PreparedImage, Reply, Request
 from vlmtag.errors import InferenceError
+from vlmtag.models.base import PreparedImage, Reply, Request
 
 if TYPE_CHECKING:
     from PIL.Image import Image

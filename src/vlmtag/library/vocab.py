@@ -18,12 +18,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vlmtag import search
 from vlmtag.errors import UsageError
-from vlmtag.parse import normalise_tags
+from vlmtag.library import search
+from vlmtag.models.parse import normalise_tags
 
 if TYPE_CHECKING:
-    from vlmtag.store import Store
+    from vlmtag.library.db import Store
 
 RENAME, DROP = "rename", "drop"
 ARROW = "=>"
@@ -177,7 +177,7 @@ def apply_edits(store: Store, edits: list[Edit], *, human: bool) -> int:
 
     human: the renamed-into tags become source 'human' (kept by --force re-tags).
     """
-    from vlmtag.store import now  # here: the store imports this module
+    from vlmtag.library.db import now  # here: the store imports this module
 
     changed: set[int] = set()
     stamp = now()

@@ -21,9 +21,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vlmtag import xmp
 from vlmtag.errors import SetupError
-from vlmtag.export import Outcome, xmp_metadata
+from vlmtag.output import xmp
+from vlmtag.output.files import Outcome, xmp_metadata
 
 INSTALL_HINT = (
     "install exiftool: apt install libimage-exiftool-perl (Debian, Ubuntu), "
@@ -382,7 +382,7 @@ class _IdentityKeeper:
         )
 
     def record(self, row: dict[str, Any], path: str) -> None:
-        from vlmtag.store import FileSeen
+        from vlmtag.library.db import FileSeen
 
         try:
             st = os.stat(path)

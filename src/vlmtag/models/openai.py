@@ -3,7 +3,7 @@
 Serves OpenAI itself, vLLM, llama.cpp's llama-server, LM Studio, and Ollama's /v1.
 Servers differ in what they accept, so a request the server rejects for one optional
 field (response_format, max_tokens, temperature) is adapted and sent again, and the
-adaptation is kept for the rest of the run. All HTTP goes through vlmtag.http.
+adaptation is kept for the rest of the run. All HTTP goes through vlmtag.models.http.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from typing import Any
 
 import httpx
 
-from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
-from vlmtag.backends.server import ServerBackend
 from vlmtag.errors import InferenceError, SetupError
-from vlmtag.http import (
+from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.http import (
     BrokenAnswer,
     HTTPStatusError,
     RetryPolicy,
@@ -30,6 +29,7 @@ from vlmtag.http import (
     post_json,
     why,
 )
+from vlmtag.models.server import ServerBackend
 
 log = logging.getLogger(__name__)
 

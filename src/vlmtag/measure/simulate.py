@@ -5,7 +5,7 @@ at once, each taking SECONDS, and queues the rest, as Ollama does with OLLAMA_NU
 It never decodes images (that would steal CPU from the client being measured): the answer
 is derived from a hash of the image bytes, so each image still gets its own answer.
 
-    python -m vlmtag.simulate --slots 4 --seconds 0.25      # prints "listening on URL"
+    python -m vlmtag.measure.simulate --slots 4 --seconds 0.25      # prints "listening on URL"
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class SimulatedProcess:
             [
                 sys.executable,
                 "-m",
-                "vlmtag.simulate",
+                "vlmtag.measure.simulate",
                 "--slots",
                 str(self.slots),
                 "--seconds",

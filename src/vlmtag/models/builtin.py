@@ -21,10 +21,10 @@ from importlib import resources
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from vlmtag.backends.base import BackendOptions, PreparedImage, Reply, Request
-from vlmtag.backends.inprocess import InProcessBackend, cores, one_line, pixels_of
-from vlmtag.colours import dominant_colours, orientation
 from vlmtag.errors import InferenceError, SetupError, UsageError
+from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.colours import dominant_colours, orientation
+from vlmtag.models.inprocess import InProcessBackend, cores, one_line, pixels_of
 
 if TYPE_CHECKING:
     from PIL.Image import Image

@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vlmtag import search, vocab  # neither imports the store at import time
 from vlmtag.errors import StoreError
+from vlmtag.library import search, vocab  # neither imports the store at import time
 
 APP_ID = 0x766C6D74  # "vlmt": marks the file as ours, so a foreign db is never touched
 COMMIT_ROWS = 300  # commit after this many writes ...
@@ -114,7 +114,7 @@ MIGRATIONS: list[str] = [
         vector BLOB NOT NULL
     );
     """,
-    # 3: full-text search (vlmtag.search). CJK text goes in one character per token, so the
+    # 3: full-text search (vlmtag.library.search). CJK text goes in one character per token, so the
     # default tokenizer finds 1- and 2-character words. Rows already there are indexed by the
     # first search (the split needs Python), which the 'rebuild' mark asks for.
     """

@@ -19,14 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vlmtag import imaging, scan
-from vlmtag.backends.base import Backend, PreparedImage, Reply, Request
-from vlmtag.concurrency import AUTO_MAX, Limiter
 from vlmtag.config import without_credentials
 from vlmtag.errors import ImageError, InferenceError, ParseError, ServerGoneError
-from vlmtag.parse import MAX_INPUT_CHARS, parse_answer
-from vlmtag.store import AnnotationRow, FailureRow, FileSeen, KnownFile, Missing, Store
-from vlmtag.timings import StageTimes
+from vlmtag.ingest import imaging, scan
+from vlmtag.library.db import AnnotationRow, FailureRow, FileSeen, KnownFile, Missing, Store
+from vlmtag.models.base import Backend, PreparedImage, Reply, Request
+from vlmtag.models.parse import MAX_INPUT_CHARS, parse_answer
+from vlmtag.run.limiter import AUTO_MAX, Limiter
+from vlmtag.run.timings import StageTimes
 
 AUTO = 0  # --workers auto: find the server's parallelism as the run goes
 MAX_LOST = 3  # an image whose server drops the connection this often is a failure
@@ -263,7 +263,7 @@ class TagRun:
 
     def _load_known(self) -> tuple[dict[str, KnownFile], set[str], set[str], set[str]]:
         # A second connection: the scan runs in a thread beside it.
-        from vlmtag.store import Store
+        from vlmtag.library.db import Store
 
         store = Store.open(self.store.path)
         try:

@@ -41,7 +41,7 @@ def fail(message: str, code: int = EXIT_USAGE):
 
 def open_store(db: str | None):
     from vlmtag.errors import VlmtagError
-    from vlmtag.store import Store, default_db_path
+    from vlmtag.library.db import Store, default_db_path
 
     try:
         return Store.open(db or default_db_path(), create=False)
