@@ -18,7 +18,9 @@ import time
 
 from measure import run_measured
 
-from vlmtag.library.db import AnnotationRow, FileSeen, Store
+from vlmtag.library.db import Store
+from vlmtag.library.rows import AnnotationRow, FileSeen
+from vlmtag.library.writer import Writer
 from vlmtag.measure.simulate import SimulatedProcess
 from vlmtag.models.prompts import build_request, prompt_key
 
@@ -27,7 +29,7 @@ def build_library(folder: str, db: str, count: int) -> None:
     key = prompt_key(build_request(tag_count=20, description=True, language="en"), (512, 512))
     store = Store.open(db)
     run_id = store.start_run("ollama", "simulated", key, {})
-    writer = store.writer()
+    writer = Writer(store.path)
     for i in range(count):
         sub = os.path.join(folder, f"{i // 1000:04d}")
         if i % 1000 == 0:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlmtag.library.db import AnnotationRow, FileSeen, Store
+from vlmtag.library.db import Store
+from vlmtag.library.rows import AnnotationRow, FileSeen
+from vlmtag.library.writer import Writer
 
 
 def annotation(
@@ -33,7 +35,7 @@ class Library:
     def __init__(self, path: Path):
         self.store = Store.open(path)
         self.store.start_run("ollama", "m", "k", {})
-        self.writer = self.store.writer()
+        self.writer = Writer(self.store.path)
 
     def add(self, name: str, tags: list[str], description: str | None = None, **kw) -> None:
         content_id = kw.pop("content_id", "c-" + name)

@@ -58,7 +58,7 @@ def test_overload_halves_and_fixed_never_moves():
         drive(limiter, 16, 0.1)
         before = limiter.limit
         await limiter.acquire()
-        await limiter.release(None, overloaded=True)
+        limiter.release(None, sent=limiter.sent(), overloaded=True)
         assert limiter.limit == max(1, before // 2)
 
         fixed = Limiter(4)
@@ -78,9 +78,31 @@ def test_never_more_in_flight_than_the_limit():
             await limiter.acquire()
             peak = max(peak, limiter.in_flight)
             await asyncio.sleep(0.001)
-            await limiter.release(0.001)
+            limiter.release(0.001)
 
         await asyncio.gather(*(request() for _ in range(30)))
         assert peak == 3 and limiter.in_flight == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_burst_of_503s_halves_once_per_limit_not_once_per_reply():
+    async def scenario():
+        limiter = Limiter(32, adaptive=True)
+        sent = []
+        for _ in range(32):
+            await limiter.acquire()
+            sent.append(limiter.sent())
+        for s in sent:  # every request of the burst answers 503
+            limiter.release(None, sent=s, overloaded=True)
+        assert limiter.limit == 16 and limiter.history == [32, 16]
+        # Requests sent under the new limit that are refused too halve it once more.
+        again = []
+        for _ in range(16):
+            await limiter.acquire()
+            again.append(limiter.sent())
+        for s in again:
+            limiter.release(None, sent=s, overloaded=True)
+        assert limiter.limit == 8
 
     asyncio.run(scenario())

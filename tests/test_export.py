@@ -17,8 +17,10 @@ from PIL import Image
 
 from fakeserver import FakeServer
 from vlmtag.cli import cli
-from vlmtag.ingest.scan import content_id
-from vlmtag.library.db import AnnotationRow, FileSeen, Store
+from vlmtag.ingest.files import content_id
+from vlmtag.library.db import Store
+from vlmtag.library.rows import AnnotationRow, FileSeen
+from vlmtag.library.writer import Writer
 from vlmtag.output.files import Placement, UnsafePath, common_folder
 
 needs_exiftool = pytest.mark.skipif(
@@ -62,7 +64,7 @@ class Library:
         data = path.read_bytes()
         st = path.stat()
         cid = content_id(data)
-        writer = self.store.writer()
+        writer = Writer(self.store.path)
         writer.put(FileSeen(str(path), st.st_size, st.st_mtime_ns, cid))
         writer.put(
             AnnotationRow(
@@ -331,7 +333,7 @@ def test_a_stored_path_with_dot_dot_is_refused(lib, tmp_path):
     lib.tag_all(["cat"])
     evil = str(lib.root) + "/../escape.jpg"
     shutil.copy(lib.paths["cat.jpg"], tmp_path / "escape.jpg")
-    writer = lib.store.writer()
+    writer = Writer(lib.store.path)
     cid = content_id(lib.paths["cat.jpg"].read_bytes())
     writer.put(FileSeen(evil, 1, 1, cid))
     writer.close()

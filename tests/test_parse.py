@@ -14,12 +14,11 @@ from vlmtag.errors import ParseError
 from vlmtag.models.parse import (
     MAX_DESCRIPTION_CHARS,
     MAX_INPUT_CHARS,
-    MAX_TAG_CHARS,
     Answer,
     clean_description,
-    normalise_tags,
     parse_answer,
 )
+from vlmtag.text import MAX_TAG_CHARS, normalise_tags
 
 # (id, answer text, tags, description) with description=True and tag_count=10.
 REAL_ANSWERS = [

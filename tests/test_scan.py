@@ -13,7 +13,8 @@ import pytest
 
 from unprivileged import as_unprivileged
 from vlmtag.errors import ImageError
-from vlmtag.ingest.scan import IMAGE_EXTENSIONS, FileStat, content_id, read_file, walk
+from vlmtag.ingest.files import content_id, read_file
+from vlmtag.ingest.scan import IMAGE_EXTENSIONS, FileStat, walk
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:

@@ -21,14 +21,11 @@ import rows
 from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
 from vlmtag.cli.find import _path_prefix
 from vlmtag.errors import UsageError
-from vlmtag.library import search as search_mod
-from vlmtag.library.db import (
-    APP_ID,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    Missing,
-    Store,
-)
+from vlmtag.library import decisions
+from vlmtag.library import index as search_mod
+from vlmtag.library.db import APP_ID, Store
+from vlmtag.library.rows import Missing
+from vlmtag.library.schema import MIGRATIONS, SCHEMA_VERSION
 from vlmtag.library.search import compile_query, search
 
 
@@ -255,32 +252,33 @@ def test_path_prefix_model_limit_and_present(lib):
 
 
 def test_each_file_once_and_duplicates_each_listed(lib):
+    lib.add("copy.jpg", [], None, content_id="same", model="none")  # a duplicate of one.jpg
     lib.add("one.jpg", ["cat"], "A cat.", content_id="same")
     lib.add("one.jpg", ["cat", "kitten"], "A kitten.", content_id="same", model="big")
-    lib.add("copy.jpg", [], None, content_id="same", model="none")  # a duplicate of one.jpg
     lib.writer.flush()
     hits = search(lib.store, "cat OR kitten", details=True)
     assert sorted(h.path for h in hits) == ["/lib/copy.jpg", "/lib/one.jpg"]
-    assert {h.model for h in hits} == {"big"}  # the best-ranked annotation speaks for the file
+    assert {h.model for h in hits} == {"big"}  # the newest answer speaks for the image
     assert hits[0].tags == ["cat", "kitten"]
+    assert [h.path for h in search(lib.store, "kitten", model="m")] == []  # m said cat only
+    assert len(search(lib.store, "cat", model="m")) == 2
 
 
-def test_index_follows_newer_annotations(lib):
+def test_index_follows_newer_annotations_and_decisions(lib):
     lib.add("a.jpg", ["cat"], "A cat.")
     lib.add("a.jpg", ["tabby"], "A tabby.", prompt_key="k2")  # another prompt: supersedes
     assert lib.find("cat") == []
     assert lib.find("tabby") == ["a.jpg"]
-    lib.add("a.jpg", ["猫"], "一只猫。", prompt_key="k-zh", language="zh")  # adds a language
-    assert lib.find("tabby") == ["a.jpg"] and lib.find("猫") == ["a.jpg"]
-    lib.writer.flush()
-    lib.store.conn.execute(
-        "INSERT INTO tags (annotation_id, position, tag, source) "
-        "SELECT id, 9, 'grandma', 'human' FROM annotations WHERE prompt_key = 'k2'"
-    )
-    lib.add("a.jpg", ["dog"], "A dog.", prompt_key="k2")  # --force: same annotation id
-    assert lib.find("tabby") == []
-    assert lib.find("dog") == ["a.jpg"]
-    assert lib.find("tag:grandma") == ["a.jpg"]  # the human tag stays, and searchable
+    lib.add("a.jpg", ["猫"], "一只猫。", prompt_key="k-zh", language="zh")  # another language
+    assert lib.find("猫") == ["a.jpg"]  # the newest language is what the image shows
+    assert lib.find("tabby") == [] and lib.find("tabby", language="en") == ["a.jpg"]
+    content = decisions.content_of(lib.store, "/lib/a.jpg")
+    decisions.decide_keywords(lib.store, [content], "add", ["Grandma"])
+    lib.add("a.jpg", ["dog"], "A dog.", prompt_key="k2")  # --force: now the newest again
+    assert lib.find("tabby") == [] and lib.find("dog") == ["a.jpg"]
+    assert lib.find("猫") == [] and lib.find("猫", language="zh") == ["a.jpg"]
+    assert lib.find("tag:grandma") == ["a.jpg"]  # a person's keyword: searchable, any case
+    assert lib.find("tag:grandma", language="zh") == ["a.jpg"]  # and in every language
     assert lib.store.conn.execute("SELECT count(*) FROM search_index").fetchone()[0] == 2
 
 
@@ -327,17 +325,16 @@ def _old_db(path: Path, version: int) -> None:
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_older_database_with_rows_is_indexed_on_first_search(tmp_path, version):
+def test_older_database_with_rows_is_indexed_when_it_is_opened(tmp_path, version):
     path = tmp_path / "old.db"
     _old_db(path, version)
     store = Store.open(path)
     assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    assert store.conn.execute("SELECT count(*) FROM search_meta").fetchone()[0] == 1
+    assert store.conn.execute("SELECT count(*) FROM search_meta").fetchone()[0] == 0
+    assert store.conn.execute("SELECT count(*) FROM search_index").fetchone()[0] == 2
     assert [h.path for h in search(store, "tabby")] == ["/p/a.jpg"]
     assert search(store, "cat") == []  # the older annotation of the same model is not current
     assert [h.path for h in search(store, "猫")] == ["/p/z.jpg"]
-    assert store.conn.execute("SELECT count(*) FROM search_meta").fetchone()[0] == 0
-    assert store.conn.execute("SELECT count(*) FROM search_index").fetchone()[0] == 2
     store.close()
 
 
@@ -404,7 +401,10 @@ def test_cli_json_tag_filter_path_model_limit(tagged):
     assert sorted(folder.stdout.splitlines()) == sorted(paths[c] for c in ("red", "green", "blue"))
     assert len(vlmtag("search", "tag:solid*", "--limit", "4", db=db).stdout.splitlines()) == 4
     none = vlmtag("search", "red", "--model", "qwen2.5vl:3b", db=db)
-    assert none.returncode == 0 and none.stdout == "" and "no images match" in none.stderr
+    assert none.returncode == 2 and none.stdout == ""
+    assert "qwen2.5vl:3b" in none.stderr and "qwen3-vl:4b" in none.stderr  # what there is
+    nothing = vlmtag("search", "nothing-like-it", db=db)
+    assert nothing.returncode == 0 and "no images match" in nothing.stderr
 
 
 @pytest.mark.parametrize("query", ['"', "*", "(", "NOT cat", "cat OR"])

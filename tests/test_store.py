@@ -8,16 +8,11 @@ import pytest
 
 from rows import annotation
 from vlmtag.errors import StoreError
-from vlmtag.library.db import (
-    APP_ID,
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    FailureRow,
-    FileSeen,
-    Missing,
-    Store,
-    db_text,
-)
+from vlmtag.library import current
+from vlmtag.library.db import APP_ID, Store
+from vlmtag.library.rows import FailureRow, FileSeen, Missing
+from vlmtag.library.schema import MIGRATIONS, SCHEMA_VERSION
+from vlmtag.library.writer import Writer
 
 
 @pytest.fixture
@@ -80,7 +75,7 @@ def test_open_without_create_says_how(tmp_path):
 
 
 def test_writer_stores_files_annotations_and_tags(store):
-    w = store.writer()
+    w = Writer(store.path)
     w.put(FileSeen("/p/a.jpg", 10, 111, "c1"))
     w.put(FileSeen("/p/b.jpg", 10, 111, "c1"))  # a duplicate: same content
     w.put(annotation("c1", ["cat", "sofa"]))
@@ -89,14 +84,14 @@ def test_writer_stores_files_annotations_and_tags(store):
     assert known["/p/a.jpg"].content_id == "c1" and known["/p/a.jpg"].present
     assert store.done_content_ids("ollama", "m", "k") == {"c1"}
     assert store.done_content_ids("ollama", "other", "k") == set()
-    rows = list(store.latest_annotations())
-    assert [r["path"] for r in rows] == ["/p/a.jpg", "/p/b.jpg"]
-    assert rows[0]["tags"] == ["cat", "sofa"]
+    rows = list(current.views(store.conn))
+    assert [r.path for r in rows] == ["/p/a.jpg", "/p/b.jpg"]
+    assert rows[0].tags == ["cat", "sofa"]
     assert store.paths_of("c1") == ["/p/a.jpg", "/p/b.jpg"]
 
 
 def test_writer_commits_in_batches_visible_to_other_connections(store):
-    w = store.writer()
+    w = Writer(store.path)
     for i in range(1000):
         w.put(FileSeen(f"/p/{i}.jpg", i, i, f"c{i}"))
     w.flush()
@@ -108,40 +103,37 @@ def test_writer_commits_in_batches_visible_to_other_connections(store):
 
 
 def test_missing_marks_not_present(store):
-    w = store.writer()
+    w = Writer(store.path)
     w.put(FileSeen("/p/a.jpg", 1, 1, "c1"))
     w.put(Missing(["/p/a.jpg"]))
     w.close()
     assert store.known_files()["/p/a.jpg"].present is False
 
 
-def test_force_replaces_model_tags_but_keeps_human_tags(store):
-    w = store.writer()
+def test_force_replaces_the_model_answer_in_place(store):
+    w = Writer(store.path)
     w.put(annotation("c1", ["cat"]))
-    w.flush()
-    store.conn.execute(
-        "INSERT INTO tags (annotation_id, position, tag, source) "
-        "SELECT id, 99, 'grandma', 'human' FROM annotations"
-    )
-    w.put(annotation("c1", ["dog", "lawn"]))
+    w.put(annotation("c1", ["dog", "lawn"]))  # the same key again: --force
     w.close()
-    tags = {r[0] for r in store.conn.execute("SELECT tag FROM tags")}
-    assert tags == {"dog", "lawn", "grandma"}
+    tags = [r[0] for r in store.conn.execute("SELECT tag FROM tags ORDER BY position")]
+    assert tags == ["dog", "lawn"]
     assert store.conn.execute("SELECT count(*) FROM annotations").fetchone()[0] == 1
 
 
 def test_other_model_keeps_old_annotation(store):
-    w = store.writer()
+    w = Writer(store.path)
     w.put(FileSeen("/p/a.jpg", 1, 1, "c1"))
     w.put(annotation("c1", ["cat"], model="small"))
     w.put(annotation("c1", ["kitten"], model="big"))
     w.close()
     assert store.conn.execute("SELECT count(*) FROM annotations").fetchone()[0] == 2
-    assert [r["tags"] for r in store.latest_annotations(model="small")] == [["cat"]]
+    small = current.Selection(model="small")
+    assert [v.tags for v in current.views(store.conn, small)] == [["cat"]]
+    assert [v.tags for v in current.views(store.conn)] == [["kitten"]]  # the newest
 
 
 def test_failure_counts_attempts_and_clears_on_success(store):
-    w = store.writer()
+    w = Writer(store.path)
     for _ in range(2):
         w.put(FailureRow("/p/a.jpg", "c1", "ollama", "m", "k", "infer", "HTTP 500", 1))
     w.flush()
@@ -153,12 +145,19 @@ def test_failure_counts_attempts_and_clears_on_success(store):
     assert store.failures() == []
 
 
-def test_paths_with_invalid_utf8_are_stored(store):
-    odd = b"/p/caf\xe9.jpg".decode("utf-8", "surrogateescape")
-    w = store.writer()
-    w.put(FileSeen(odd, 1, 1, "c1"))
+def test_paths_that_are_not_utf8_round_trip_and_never_collide(store):
+    odd = b"/p/caf\xe9.jpg".decode("utf-8", "surrogateescape")  # as os.listdir gives it
+    literal = "/p/caf\\xe9.jpg"  # a file really named with a backslash, x, e, 9
+    w = Writer(store.path)
+    w.put(FileSeen(odd, 1, 1, "c-odd"))
+    w.put(FileSeen(literal, 2, 2, "c-literal"))
     w.close()
-    assert db_text(odd) in store.known_files()
+    known = store.known_files()
+    assert known[odd].content_id == "c-odd"  # found again under the very name the scan gives
+    assert known[literal].content_id == "c-literal"
+    assert store.file_row(odd)["content_id"] == "c-odd"
+    kinds = dict(store.conn.execute("SELECT content_id, typeof(path) FROM files"))
+    assert kinds == {"c-odd": "blob", "c-literal": "text"}
 
 
 def test_run_is_recorded(store):
@@ -187,3 +186,98 @@ def test_migrates_a_version_1_database_keeping_its_rows(tmp_path):
     assert {"tag_edits", "embeddings"} <= tables
     assert "/p/a.jpg" in s.known_files()
     s.close()
+
+
+def _schema_3(path) -> None:
+    conn = sqlite3.connect(path)
+    for script in MIGRATIONS[:3]:
+        conn.executescript(script)
+    conn.execute(f"PRAGMA application_id = {APP_ID}")
+    conn.execute("PRAGMA user_version = 3")
+    conn.execute(
+        "INSERT INTO files (path, content_id, size, mtime_ns, first_seen, last_seen) "
+        "VALUES ('/p/a.jpg', 'c1', 1, 1, 'then', 'then')"
+    )
+    conn.execute(
+        "INSERT INTO runs (id, started_at, backend, model, prompt_key, params) "
+        "VALUES (1, 'then', 'ollama', 'm', 'k', '{}')"
+    )
+    conn.execute(
+        "INSERT INTO annotations (id, content_id, backend, model, prompt_key, language, "
+        "description, raw, run_id, created_at) VALUES (1, 'c1', 'ollama', 'm', 'k', 'en', "
+        "'A cat.', '{}', 1, '2026-01-01')"
+    )
+    conn.executemany(
+        "INSERT INTO tags (annotation_id, position, tag, source) VALUES (1, ?, ?, ?)",
+        [(0, "cat", "model"), (1, "grandma", "human")],
+    )
+    conn.commit()
+    conn.close()
+
+
+def test_schema_3_moves_hand_tags_into_decisions_of_the_image(tmp_path):
+    path = tmp_path / "old.db"
+    _schema_3(path)
+    s = Store.open(path)
+    try:
+        decided = s.conn.execute("SELECT action, keyword, language FROM decisions").fetchall()
+        assert [tuple(r) for r in decided] == [("add", "grandma", "")]
+        assert [r[0] for r in s.conn.execute("SELECT tag FROM tags")] == ["cat"]
+        [view] = current.views(s.conn)
+        assert [(k.text, k.source) for k in view.keywords] == [
+            ("cat", "model"),
+            ("grandma", "person"),
+        ]
+    finally:
+        s.close()
+
+
+def test_a_run_left_running_by_a_dead_process_is_closed_on_open(tmp_path):
+    s = Store.open(tmp_path / "v.db")
+    run_id = s.start_run("ollama", "m", "k", {})
+    s.conn.execute("UPDATE runs SET pid = 999999999 WHERE id = ?", (run_id,))  # no such pid
+    alive = s.start_run("ollama", "m", "k", {})  # this process: alive
+    s.close()
+    s = Store.open(tmp_path / "v.db")
+    status = dict(s.conn.execute("SELECT id, status FROM runs"))
+    s.close()
+    assert status == {run_id: "interrupted", alive: "running"}
+
+
+def test_a_read_only_database_opens_read_only_and_says_so_when_written(tmp_path):
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from unprivileged import as_unprivileged
+
+    # Not under tmp_path: its parents are closed to other users.
+    folder = Path(tempfile.mkdtemp(prefix="vlmtag-ro-"))
+    folder.chmod(0o755)
+    s = Store.open(folder / "v.db")
+    s.start_run("ollama", "m", "k", {})
+    w = Writer(s.path)
+    w.put(FileSeen("/p/a.jpg", 1, 1, "c1"))
+    w.put(annotation("c1", ["cat"]))
+    w.close()
+    s.close()
+    folder.chmod(0o555)
+    (folder / "v.db").chmod(0o444)
+
+    def read() -> str:
+        store = Store.open_for_reading(folder / "v.db")
+        tags = [v.tags for v in current.views(store.conn)]
+        try:
+            with store.writing():
+                pass
+            return "wrote"
+        except StoreError as exc:
+            return f"{store.readonly} {tags} {exc}"
+
+    try:
+        out = as_unprivileged(read)
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+    assert out.startswith("True [['cat']]"), out
+    assert "read-only" in out

@@ -1,6 +1,6 @@
-"""The tag vocabulary on real SQLite files: rules files, replaying edits on later answers,
-rename/merge/drop/apply on stored tags, per-image human edits, counts, and the CLI end to end
-against a loopback model server."""
+"""The keyword vocabulary on real SQLite files: rules files, replaying edits on later answers,
+rename/merge/drop/apply on every image, per-image decisions by hand, counts, and the CLI end
+to end against a loopback model server."""
 
 from __future__ import annotations
 
@@ -16,25 +16,29 @@ import rows
 from fakeserver import TEST_COLOURS, FakeServer, fingerprint_for_rgb
 from rows import annotation
 from vlmtag.errors import UsageError
-from vlmtag.library import vocab
-from vlmtag.library.db import FileSeen, Missing
+from vlmtag.library import current, decisions, vocab
+from vlmtag.library.rows import FileSeen, Missing
+from vlmtag.library.rules import DROP, RENAME, Edit, Rules, parse_rules
 from vlmtag.library.search import search
-from vlmtag.library.vocab import DROP, RENAME, Edit, Rules, parse_rules
+from vlmtag.library.writer import Writer
 
 
 class Library(rows.Library):
     """The shared library, with what vocabulary tests look at."""
 
+    def view(self, name: str) -> current.ImageView:
+        [found] = [v for v in current.views(self.store.conn) if v.path == f"/lib/{name}"]
+        return found
+
     def tags(self, name: str) -> list[str]:
-        return self.store.annotations_for_path(f"/lib/{name}")[0]["tags"]
+        return self.view(name).tags
 
     def sources(self, name: str) -> dict[str, str]:
-        rows = self.store.conn.execute(
-            "SELECT t.tag, t.source FROM files f JOIN annotations a ON a.content_id = f.content_id "
-            "JOIN tags t ON t.annotation_id = a.id WHERE f.path = ?",
-            (f"/lib/{name}",),
-        )
-        return {r[0]: r[1] for r in rows}
+        return {k.text: k.source for k in self.view(name).keywords}
+
+    def decide(self, name: str, action: str, words: list[str]) -> int:
+        content = decisions.content_of(self.store, f"/lib/{name}")
+        return decisions.decide_keywords(self.store, [content], action, words)
 
     def find(self, query: str) -> list[str]:
         return sorted(h.path.removeprefix("/lib/") for h in search(self.store, query))
@@ -62,12 +66,17 @@ def test_rules_file_format():
     """
     assert parse_rules(text) == [
         Edit(RENAME, "kitty", "cat"),
-        Edit(RENAME, "kitten", "cat"),
+        Edit(RENAME, "Kitten", "cat"),  # as written; rules match case-insensitively
         Edit(RENAME, "猫咪", "猫"),
         Edit(RENAME, "小猫", "猫"),
         Edit(DROP, "blurry"),
-        Edit(DROP, "out of focus"),
+        Edit(DROP, "#Out of focus"),
         Edit(RENAME, "puppy", "dog"),
+    ]
+    rules = Rules(parse_rules(text))
+    assert rules.apply([("kitten", 0.9), ("out of focus", 0.5), ("sofa", 0.4)]) == [
+        ("cat", 0.9),
+        ("sofa", 0.4),
     ]
 
 
@@ -76,7 +85,7 @@ def test_rules_file_format():
     [
         ("kitty cat\n", "rules line 1: 'kitty cat' is not a rule"),
         ("# ok\n=> cat\n", "rules line 2: nothing before =>"),
-        ("kitty => 123\n", "rules line 1: '123' is not a tag"),
+        ("kitty => two, words\n", "rules line 1: .* a comma"),
         ("a => b => c\n", "not a rule"),
         ("-\n", "rules line 1"),
     ],
@@ -121,12 +130,12 @@ def test_writer_follows_edits_made_while_it_runs(lib):
     assert lib.tags("b.jpg") == ["cat", "sofa"]
     assert lib.sources("b.jpg") == {"cat": "model", "sofa": "model"}
     edits = lib.store.conn.execute("SELECT action, old, new FROM tag_edits ORDER BY id")
-    assert [tuple(r) for r in edits] == [("rename", "kitty", "cat"), ("drop", "blurry", None)]
+    assert [tuple(r) for r in edits] == [("rename", "Kitty", "cat"), ("drop", "blurry", None)]
 
 
 def test_writer_started_after_edits_applies_them(lib, tmp_path):
-    vocab.apply_edits(lib.store, parse_rules("puppy => dog\n-watermark\n"), human=False)
-    writer = lib.store.writer()
+    vocab.apply_edits(lib.store, parse_rules("puppy => dog\n-watermark\n"))
+    writer = Writer(lib.store.path)
     writer.put(FileSeen("/lib/p.jpg", 1, 1, "cp"))
     writer.put(annotation("cp", ["puppy", "watermark", "grass"]))
     writer.close()
@@ -136,18 +145,40 @@ def test_writer_started_after_edits_applies_them(lib, tmp_path):
 # ---- edits on stored tags ------------------------------------------------------------------
 
 
-def test_rename_merges_into_an_existing_tag_and_marks_it_human(lib):
+def test_rename_merges_into_an_existing_tag(lib):
     lib.add("a.jpg", ["kitty", "sofa"])
     lib.add("b.jpg", ["kitty", "cat"])
     lib.add("c.jpg", ["dog"])
     assert vocab.rename(lib.store, "kitty", "cat") == 2
     assert lib.tags("a.jpg") == ["cat", "sofa"] and lib.tags("b.jpg") == ["cat"]
-    assert lib.sources("a.jpg") == {"cat": "human", "sofa": "model"}
-    assert lib.sources("b.jpg") == {"cat": "human"}
+    assert lib.sources("a.jpg") == {"cat": "model", "sofa": "model"}  # still the model's word
     assert lib.find("tag:cat") == ["a.jpg", "b.jpg"]  # the index follows
     assert lib.find("kitty") == []
-    with pytest.raises(UsageError, match="same tag"):
-        vocab.rename(lib.store, "Cat", "cat")
+    raw = {r[0] for r in lib.store.conn.execute("SELECT tag FROM tags")}
+    assert "kitty" in raw  # what the model said is kept as it said it
+    with pytest.raises(UsageError, match="same keyword"):
+        vocab.rename(lib.store, "cat", "cat")
+
+
+def test_a_rename_keeps_the_case_a_person_writes(lib):
+    lib.add("a.jpg", ["grace hopper", "computer"])
+    assert vocab.rename(lib.store, "grace hopper", "Grace Hopper") == 1
+    assert lib.tags("a.jpg") == ["Grace Hopper", "computer"]
+    lib.add("b.jpg", ["GRACE HOPPER"])  # a later answer, any case
+    assert lib.tags("b.jpg") == ["Grace Hopper"]
+
+
+def test_renames_carry_the_keywords_people_gave_along(lib):
+    lib.add("a.jpg", ["sofa"])
+    lib.add("b.jpg", ["kitty"])
+    assert lib.decide("a.jpg", "add", ["kitty"]) == 1
+    assert lib.decide("b.jpg", "reject", ["kitty"]) == 1
+    vocab.rename(lib.store, "kitty", "cat")
+    assert lib.tags("a.jpg") == ["sofa", "cat"]  # the person's kitty is called cat now
+    assert lib.sources("a.jpg")["cat"] == "person"
+    assert lib.tags("b.jpg") == []  # rejected as kitty: stays away as cat
+    lib.add("b.jpg", ["kitty", "tree"])  # the model again
+    assert lib.tags("b.jpg") == ["tree"]
 
 
 def test_merge_and_drop(lib):
@@ -180,18 +211,23 @@ def test_rules_file_keeps_sources_and_is_recorded(lib, tmp_path):
 
 def test_add_and_remove_by_hand(lib):
     lib.add("a.jpg", ["cat", "sofa"])
-    assert vocab.add_tags(lib.store, "/lib/a.jpg", ["Grandma", "cat", "grandma"]) == 1
+    assert lib.decide("a.jpg", "add", ["Grandma", "cat", "grandma"]) == 2
+    assert lib.tags("a.jpg") == ["cat", "sofa", "Grandma"]  # a person's case is kept
+    assert lib.sources("a.jpg") == {"cat": "person", "sofa": "model", "Grandma": "person"}
+    assert lib.decide("a.jpg", "add", ["grandma"]) == 1  # another spelling is a decision
+    assert lib.decide("a.jpg", "add", ["grandma"]) == 0  # the same one again is not
     assert lib.tags("a.jpg") == ["cat", "sofa", "grandma"]
-    assert lib.sources("a.jpg") == {"cat": "human", "sofa": "model", "grandma": "human"}
     assert lib.find("tag:grandma") == ["a.jpg"]
-    assert vocab.remove_tags(lib.store, "/lib/a.jpg", ["sofa", "nope"]) == 1
+    assert lib.decide("a.jpg", "reject", ["sofa", "nope"]) == 2
     assert lib.find("sofa") == []
-    lib.add("a.jpg", ["dog"])  # --force by the same model: human tags stay
-    assert sorted(lib.tags("a.jpg")) == ["cat", "dog", "grandma"]
+    lib.add("a.jpg", ["dog", "sofa"])  # --force by the same model: decisions stay
+    assert lib.tags("a.jpg") == ["dog", "cat", "grandma"]
+    lib.add("a.jpg", ["sofa", "nope"], model="other")  # another model: decisions stay
+    assert lib.tags("a.jpg") == ["cat", "grandma"]
     with pytest.raises(UsageError, match="not in the database"):
-        vocab.add_tags(lib.store, "/lib/missing.jpg", ["x"])
-    with pytest.raises(UsageError, match="not tagged by other yet"):
-        vocab.add_tags(lib.store, "/lib/a.jpg", ["x"], model="other")
+        decisions.content_of(lib.store, "/lib/missing.jpg")
+    with pytest.raises(UsageError, match="comma"):
+        lib.decide("a.jpg", "add", ["a, b"])
 
 
 def test_counts_are_files_whose_newest_annotation_has_the_tag(lib):
@@ -213,7 +249,7 @@ def test_counts_are_files_whose_newest_annotation_has_the_tag(lib):
         ("cat", 1),
         ("dog", 1),
     ]
-    exported = {r["path"]: r["tags"] for r in lib.store.latest_annotations()}
+    exported = {v.path: v.tags for v in current.views(lib.store.conn)}
     assert exported["/lib/c.jpg"] == ["cat"] and exported["/lib/d.jpg"] == ["bird"]
 
 
@@ -242,7 +278,7 @@ def paint(folder: Path, names: list[str]) -> dict[str, str]:
 def stored_tags(db: Path, path: str) -> list[str]:
     out = vlmtag("show", path, "--json", db=db)
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)["annotations"][0]["tags"]
+    return json.loads(out.stdout)["current"]["tags"]
 
 
 def test_cli_vocabulary_edits_survive_force_and_apply_to_later_runs(tmp_path):
@@ -259,7 +295,7 @@ def test_cli_vocabulary_edits_survive_force_and_apply_to_later_runs(tmp_path):
         assert top == ["3", "solid", "colour"]
 
         out = vlmtag("tags", "rename", "solid colour", "plain", db=db)
-        assert out.returncode == 0 and "on 3 annotations" in out.stdout
+        assert out.returncode == 0 and "on 3 images" in out.stdout
         assert vlmtag("tags", "drop", "red", db=db).returncode == 0
         added = vlmtag("tags", "add", paths["red"], "grandma", db=db)
         assert added.returncode == 0, added.stderr
@@ -270,7 +306,7 @@ def test_cli_vocabulary_edits_survive_force_and_apply_to_later_runs(tmp_path):
         assert stored_tags(db, paths["red"]) == [red_fp, "plain", "grandma"]
         assert vlmtag(*tag, "--force", db=db).returncode == 0  # the model says it all again
         assert sorted(stored_tags(db, paths["red"])) == sorted([red_fp, "plain", "grandma"])
-        assert "green" in stored_tags(db, paths["green"])  # a removed model tag comes back
+        assert "green" not in stored_tags(db, paths["green"])  # removed by hand: stays so
 
         later = paint(tmp_path / "pics", ["yellow"])  # a new image, a later run
         assert vlmtag(*tag, db=db).returncode == 0
@@ -306,7 +342,8 @@ def test_cli_merge_apply_and_usage_errors(tmp_path):
         ("tags", "merge", "red", "blue", "primary"),
         ("tags", "merge", "red", "INTO", "a", "b"),
         ("tags", "merge", "INTO", "a"),
-        ("tags", "rename", "cat", "123"),
+        ("tags", "rename", "cat", "a, b"),
+        ("tags", "add", str(tmp_path / "pics" / "red.png"), "two\nlines"),
         ("tags", "add", str(tmp_path / "nope.png"), "cat"),
     ):
         out = vlmtag(*bad, db=db)

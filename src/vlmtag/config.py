@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from vlmtag.errors import UsageError
+from vlmtag.redact import without_credentials
 
 DEFAULT_MODEL = "qwen3-vl:4b"
 DEFAULT_OLLAMA_URL = "http://localhost:11434"
@@ -77,16 +78,6 @@ class Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
         values["api_base"] = [without_credentials(url) for url in self.api_base]
         return values
-
-
-def without_credentials(url: str) -> str:
-    """The URL without user:password@, for anything printed or stored."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def parse_resize(text: str) -> tuple[int, int] | None:

@@ -24,6 +24,12 @@ class StoreError(VlmtagError):
     """The database cannot be used: corrupt, foreign, locked by another run (exit 2)."""
 
 
+class Interrupted(VlmtagError):
+    """Ctrl-C (or SIGTERM, SIGHUP) before anything was done (exit 130)."""
+
+    exit_code = 130
+
+
 class ImageError(Exception):
     """One file cannot be read or decoded. Recorded as a failure for that file; the run goes on."""
 

@@ -1,22 +1,32 @@
-"""What every command shares: the --db option, typed errors as one line and an exit code."""
+"""What every command shares: options, opening the library, and errors as one line.
+
+Typed errors become one line on stderr and their exit code here and nowhere else; so do a
+damaged database, a closed pipe and, as a last resort, a bug (VLMTAG_DEBUG=1 shows its
+traceback). Every line goes through the redactor first: no key or password is ever printed.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
+import sqlite3
 import sys
+from typing import Any
 
 import click
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+REDACTOR_KEY = "vlmtag.redact"
 
 DB_HELP = (
     "SQLite database file. Default: $VLMTAG_DB, else vlmtag.db in your data folder "
     "(~/.local/share/vlmtag on Linux, ~/Library/Application Support/vlmtag on macOS)."
 )
+LANGUAGE_HELP = "Keywords in this language (en, zh, ...). Default: each image's newest."
 
 
 def friendly_errors(f):
-    """Typed errors from anywhere in a command: one line on stderr and their exit code."""
+    """Errors from anywhere in a command: one line on stderr and an exit code."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -24,26 +34,101 @@ def friendly_errors(f):
 
         try:
             return f(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except VlmtagError as exc:
             fail(str(exc), exc.exit_code)
+        except sqlite3.DatabaseError as exc:
+            from vlmtag.library.db import store_error
+
+            fail(str(store_error(_db_of(kwargs), exc)), EXIT_USAGE)
+        except KeyboardInterrupt:
+            fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            _quiet_exit()
+        except Exception as exc:  # noqa: BLE001 - the last resort: a bug, in one line
+            if os.environ.get("VLMTAG_DEBUG"):
+                raise
+            fail(
+                f"internal error ({type(exc).__name__}: {exc}); please report it, with the "
+                "traceback that VLMTAG_DEBUG=1 shows",
+                EXIT_PARTIAL,
+            )
 
     return wrapper
+
+
+def fail(message: str, code: int = EXIT_USAGE):
+    click.echo(f"vlmtag: error: {redact(message)}", err=True)
+    sys.exit(code)
+
+
+def redact(text: str) -> str:
+    ctx = click.get_current_context(silent=True)
+    redactor = ctx.find_root().meta.get(REDACTOR_KEY) if ctx is not None else None
+    if redactor is None:
+        from vlmtag.redact import Redactor
+
+        redactor = Redactor.from_environment()
+    return redactor(text)
+
+
+def remember_redactor(redactor: Any) -> None:
+    """The redactor of this command's settings (its key, URL passwords) for every message."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.find_root().meta[REDACTOR_KEY] = redactor
+
+
+def _db_of(kwargs: dict[str, Any]) -> str:
+    return str(kwargs.get("db") or os.environ.get("VLMTAG_DB") or "the database")
+
+
+def _quiet_exit() -> None:
+    """stdout went away (`vlmtag search cat | head`): stop without a word."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    sys.exit(EXIT_OK)
 
 
 def db_option(f):
     return click.option("--db", "db", type=click.Path(dir_okay=False), help=DB_HELP)(f)
 
 
-def fail(message: str, code: int = EXIT_USAGE):
-    click.echo(f"vlmtag: error: {message}", err=True)
-    sys.exit(code)
+def language_option(f):
+    return click.option("--language", default=None, metavar="CODE", help=LANGUAGE_HELP)(f)
 
 
-def open_store(db: str | None):
-    from vlmtag.errors import VlmtagError
-    from vlmtag.library.db import Store, default_db_path
+def language_code(value: str | None) -> str | None:
+    """A language as the database keeps it ("zh_CN" -> "zh"); UsageError if unknown."""
+    if value is None:
+        return None
+    from vlmtag.models.prompts import resolve_language
 
-    try:
-        return Store.open(db or default_db_path(), create=False)
-    except VlmtagError as exc:
-        fail(str(exc), exc.exit_code)
+    return resolve_language(value)
+
+
+def open_library(db: str | None, *, create: bool = False):
+    from vlmtag.api import Library
+
+    return Library.open(db, create=create)
+
+
+def echo_paths(paths: list[str], print0: bool) -> None:
+    """Paths one per line (non-UTF-8 names shown escaped), or as raw bytes ended by NUL for
+    `xargs -0`, which must get the real name to find the file."""
+    if print0:
+        out = sys.stdout.buffer
+        out.write(b"".join(os.fsencode(p) + b"\0" for p in paths))
+        out.flush()
+        return
+    from vlmtag.text import display_path
+
+    # One write: a line at a time costs seconds for a hundred thousand paths.
+    click.echo("".join(display_path(p) + "\n" for p in paths), nl=False)
+
+
+def echo_json(value: Any) -> None:
+    import json
+
+    click.echo(redact(json.dumps(value, ensure_ascii=False, indent=2)))

@@ -1,18 +1,28 @@
-"""`vlmtag export`: write the stored tags and descriptions out, as one stream, as a file beside
-each image (caption .txt, XMP sidecar), or into the images themselves (--embed, exiftool)."""
+"""`vlmtag export`: write the current keywords and descriptions out, as one stream, as a file
+beside each image (caption .txt, XMP sidecar), or into the images themselves (--embed)."""
 
 from __future__ import annotations
 
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import click
 from click.core import ParameterSource
 
-from vlmtag.cli.common import EXIT_PARTIAL, db_option, fail, friendly_errors, open_store
+from vlmtag.cli.common import (
+    EXIT_PARTIAL,
+    db_option,
+    fail,
+    friendly_errors,
+    language_code,
+    language_option,
+    open_library,
+    redact,
+)
+from vlmtag.text import display_path
 
 FORMATS = ("jsonl", "json", "csv", "txt", "xmp")
 # Skips that are the point of a flag or of a rerun: counted, not listed.
@@ -39,7 +49,18 @@ QUIET_SKIPS = ("exists", "nothing to write")
     "that mirrors the folders below FOLDER (or below the deepest folder holding all exported "
     "images), instead of writing beside the images.",
 )
-@click.option("--model", default=None, help="Export this model's annotations (default: newest).")
+@click.option(
+    "--model", default=None, help="Keywords from this model's answers (default: the newest)."
+)
+@language_option
+@click.option(
+    "--min-confidence",
+    type=click.FloatRange(0, 1),
+    default=None,
+    metavar="X",
+    help="Leave out model keywords whose confidence is below X (0-1); a person's keywords "
+    "and keywords without a confidence always stay.",
+)
 @click.option(
     "--sidecar-name",
     type=click.Choice(["photo.jpg.xmp", "photo.xmp"]),
@@ -83,6 +104,8 @@ def export(
     fmt: str,
     out: str | None,
     model: str | None,
+    language: str | None,
+    min_confidence: float | None,
     sidecar_name: str,
     caption: str,
     skip_existing: bool,
@@ -90,11 +113,13 @@ def export(
     overwrite_original: bool,
     dry_run: bool,
 ) -> None:
-    """Export the latest tags and description of every present image (under FOLDER if given).
+    """Export the current keywords and description of every image on disk (under FOLDER).
 
-    Keywords vlmtag wrote into a sidecar or image before are replaced; keywords, descriptions
-    and everything else a person or another program wrote stay. A one-line summary goes to
-    stderr; the exit status is 1 if any file failed.
+    What is written is what `vlmtag show` prints: the newest answer's keywords with the
+    keywords people added or removed by hand. Keywords vlmtag wrote into a sidecar or image
+    before are replaced; keywords, descriptions and everything else a person or another
+    program wrote there stay. A one-line summary goes to stderr; the exit status is 1 if any
+    file failed, 2 for a FOLDER, --model or --language that matches nothing.
 
     \b
       vlmtag export --format csv --out tags.csv
@@ -109,13 +134,20 @@ def export(
         if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)
     }
     _check_flags(fmt, embed, out, given)
-    store = open_store(db)
-    if embed:
-        _export_embedded(store, model, folder, overwrite_original, dry_run)
-    elif fmt in ("txt", "xmp"):
-        _export_files(store, model, folder, fmt, out, sidecar_name, caption, skip_existing, dry_run)
-    else:
-        _export_stream(store, model, folder, fmt, out, dry_run)
+    which = {
+        "folder": folder,
+        "model": model,
+        "language": language_code(language),
+        "min_confidence": min_confidence,
+    }
+    with open_library(db) as library:
+        if embed:
+            _export_embedded(library, which, overwrite_original, dry_run)
+        elif fmt in ("txt", "xmp"):
+            options = {"sidecar_name": sidecar_name} if fmt == "xmp" else {"caption": caption}
+            _export_files(library, which, fmt, out, skip_existing, dry_run, options)
+        else:
+            _export_stream(library, which, fmt, out, dry_run)
 
 
 def _check_flags(fmt: str, embed: bool, out: str | None, given: set[str]) -> None:
@@ -137,95 +169,76 @@ def _check_flags(fmt: str, embed: bool, out: str | None, given: set[str]) -> Non
         fail(f"--out {out} is a file; --format {fmt} writes one file per image into a folder")
     if out and not per_image and os.path.isdir(out):
         fail(f"--out {out} is a folder; --format {fmt} writes one file (give its name)")
+    if out and not per_image and out != "-":
+        parent = os.path.dirname(os.path.abspath(out))
+        if not os.path.isdir(parent):
+            fail(f"--out {out}: the folder {parent} does not exist; create it first")
 
 
-def _rows(store: Any, model: str | None, folder: str | None) -> Iterator[dict[str, Any]]:
-    """The newest annotation of each present image, under folder if given."""
-    if folder is None:
-        yield from store.latest_annotations(model=model)
-        return
-    folder = os.path.abspath(folder)
-    under = folder.rstrip(os.sep) + os.sep
-    for row in store.latest_annotations(model=model, path_prefix=folder):
-        # The prefix also matches /photos2 for /photos: keep the folder itself or below it.
-        if row["path"] == folder or row["path"].startswith(under):
-            yield row
-
-
-def _export_stream(store, model, folder, fmt: str, out: str | None, dry_run: bool) -> None:
-    from vlmtag.output.files import write_rows
-
-    rows = _rows(store, model, folder)
+def _export_stream(library, which: dict, fmt: str, out: str | None, dry_run: bool) -> None:
     where = out or "standard output"
     if dry_run:
-        count = sum(1 for _ in rows)
+        count = sum(1 for _ in library.images(**_selection(which)))
         click.echo(f"export (dry run): would write {count} images to {where}", err=True)
         return
     if out and out != "-":
         with open(out, "w", encoding="utf-8", newline="") as fh:
-            count = write_rows(rows, fmt, fh)
+            count = library.export_stream(fmt, fh, **which)
     else:
-        count = write_rows(rows, fmt, sys.stdout)
+        count = library.export_stream(fmt, sys.stdout, **which)
     click.echo(f"export: written {count}, skipped 0, failed 0 ({fmt} to {where})", err=True)
+    _nothing_found(count, which)
 
 
 def _export_files(
-    store, model, folder, fmt, out, sidecar_name, caption, skip_existing, dry_run
+    library, which: dict, fmt: str, out, skip_existing: bool, dry_run: bool, options: dict
 ) -> None:
-    from vlmtag.output.files import Placement, common_folder, export_files
-
-    root = None
-    if folder is not None:
-        root = folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder))
-    if out:
-        if root is None:  # a first pass, paths only: the tree to mirror is known before writing
-            root = common_folder(row["path"] for row in _rows(store, model, None))
-        if root is None:
-            root = os.getcwd()  # nothing to export; the summary says so
-        if not dry_run:
-            os.makedirs(out, exist_ok=True)
-    placement = Placement(out, root, create=not dry_run)
-    outcomes = export_files(
-        _rows(store, model, folder),
-        fmt,
-        placement,
-        sidecar_naming=sidecar_name,
-        caption=caption,
-        skip_existing=skip_existing,
-        dry_run=dry_run,
+    outcomes = library.export_files(
+        fmt, out_dir=out, skip_existing=skip_existing, dry_run=dry_run, **which, **options
     )
     what = "caption files" if fmt == "txt" else "XMP sidecars"
     where = f"under {out}" if out else "beside the images"
-    _report(outcomes, dry_run, f"{what} {where}")
+    total = _report(outcomes, dry_run, f"{what} {where}")
+    _nothing_found(total, which)
 
 
-def _export_embedded(store, model, folder, overwrite_original: bool, dry_run: bool) -> None:
-    from vlmtag.output.embed import ExifTool, embed
+def _export_embedded(library, which: dict, overwrite_original: bool, dry_run: bool) -> None:
+    from vlmtag.output.embed import ExifTool
 
     with ExifTool() as exiftool:
-        outcomes = embed(
-            _rows(store, model, folder),
-            exiftool,
-            store=store,
-            overwrite_original=overwrite_original,
-            dry_run=dry_run,
+        outcomes = library.embed(
+            exiftool, overwrite_original=overwrite_original, dry_run=dry_run, **which
         )
         backup = "no backups" if overwrite_original else "originals kept as *_original"
-        _report(outcomes, dry_run, f"embedded with exiftool {exiftool.version}, {backup}")
+        total = _report(outcomes, dry_run, f"embedded with exiftool {exiftool.version}, {backup}")
+    _nothing_found(total, which)
 
 
-def _report(outcomes: Iterable[Any], dry_run: bool, what: str) -> None:
-    """One line per file that needs attention (or, in a dry run, per file to write); a summary."""
+def _selection(which: dict) -> dict:
+    return {k: which[k] for k in ("folder", "model", "language")}
+
+
+def _nothing_found(count: int, which: dict) -> None:
+    if count == 0:
+        scope = " under " + os.path.abspath(which["folder"]) if which.get("folder") else ""
+        click.echo(f"export: no tagged image on disk{scope}; nothing to export", err=True)
+
+
+def _report(outcomes: Iterable[Any], dry_run: bool, what: str) -> int:
+    """One line per file that needs attention (or, in a dry run, per file to write); a summary.
+
+    Returns how many images there were; exits 1 if any failed.
+    """
     counts: Counter[str] = Counter()
     for o in outcomes:
         counts[o.action] += 1
         if o.action == "failed":
-            click.echo(f"vlmtag: failed: {o.image}: {o.reason}", err=True)
+            click.echo(redact(f"vlmtag: failed: {display_path(o.image)}: {o.reason}"), err=True)
         elif o.action == "skipped" and o.reason not in QUIET_SKIPS:
-            click.echo(f"vlmtag: skipped: {o.image}: {o.reason}", err=True)
+            click.echo(f"vlmtag: skipped: {display_path(o.image)}: {o.reason}", err=True)
         elif dry_run and o.written:
             verb = "create" if o.action == "created" else "update"
-            click.echo(f"{verb}\t{o.target}")
+            click.echo(f"{verb}\t{display_path(o.target)}")
     written = counts["created"] + counts["updated"]
     skipped = counts["skipped"] + counts["unchanged"]
     failed = counts["failed"]
@@ -236,3 +249,4 @@ def _report(outcomes: Iterable[Any], dry_run: bool, what: str) -> None:
     click.echo(line, err=True)
     if failed:
         sys.exit(EXIT_PARTIAL)
+    return sum(counts.values())

@@ -1,18 +1,31 @@
-"""`vlmtag search` and `vlmtag tags`: find images by words, and look after the tag vocabulary.
+"""`vlmtag search`, `vlmtag tags` and `vlmtag describe`: find images, curate their keywords.
 
-Parsing and rendering only; the work is in vlmtag.library.search and vlmtag.library.vocab.
+Parsing and rendering only; the work is in vlmtag.api (library/search, current, decisions,
+vocab).
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import click
 
-from vlmtag.cli.common import db_option, fail, friendly_errors, open_store
+from vlmtag.cli.common import (
+    db_option,
+    echo_json,
+    echo_paths,
+    fail,
+    friendly_errors,
+    language_code,
+    language_option,
+    open_library,
+)
 
 SEMANTIC_LIMIT = 20  # meaning-based search ranks every image: show the best few by default
+SCOPE_HELP = (
+    "Only for keywords in this language (en, zh, ...). Default: every language, as a name "
+    "like Felix is the same in all of them."
+)
 
 
 def _path_prefix(value: str | None) -> str | None:
@@ -35,7 +48,8 @@ def _path_prefix(value: str | None) -> str | None:
     default=None,
     help="Only files under this folder (or whose path starts with PREFIX).",
 )
-@click.option("--model", default=None, help="Only annotations of this model.")
+@click.option("--model", default=None, help="Only keywords of this model's answers.")
+@language_option
 @click.option(
     "--limit",
     "-n",
@@ -58,12 +72,13 @@ def search(
     db: str | None,
     path: str | None,
     model: str | None,
+    language: str | None,
     limit: int | None,
     as_json: bool,
     print0: bool,
     semantic: bool,
 ) -> None:
-    """Find images by their tags and description; prints one path per line, best first.
+    """Find images by their keywords and description; prints one path per line, best first.
 
     \b
     cat dog                 both words (AND is implied)
@@ -76,86 +91,96 @@ def search(
     (cat OR dog) NOT tag:toy
     Operators are upper case. Chinese and Japanese work as typed: 猫, 橘猫, 沙发上.
 
-    Each file is listed once, for its best match among the newest annotation of each
-    model and language; files gone from disk are left out.
+    It searches each image's current keywords and description (what show and export
+    print): by default those of its newest language; files gone from disk are left out.
 
     \b
     vlmtag search dog --path ~/Pictures/2023 -0 | xargs -0 cp -t ~/dogs
     """
+    from vlmtag.library.index import has_cjk
+
     text = " ".join(query)
-    store = open_store(db)
     prefix = _path_prefix(path)
-    from vlmtag.library.search import has_cjk
-    from vlmtag.library.search import search as run_search
-
-    if semantic and has_cjk(text):
-        # The embedding model (all-MiniLM-L6-v2) is English-only: most CJK characters are
-        # unknown tokens to it, so its ranking would be noise. Words match CJK well.
-        click.echo("note: --semantic understands English only; searching words instead", err=True)
-        limit = limit or SEMANTIC_LIMIT
-    elif semantic:
-        _semantic(store, text, model, prefix, limit or SEMANTIC_LIMIT, as_json, print0)
-        return
-
-    hits = run_search(store, text, model=model, path_prefix=prefix, limit=limit, details=as_json)
+    language = language_code(language)
+    with open_library(db) as library:
+        if semantic and has_cjk(text):
+            # The embedding model (all-MiniLM-L6-v2) is English-only: most CJK characters
+            # are unknown tokens to it, so its ranking would be noise. Words match CJK well.
+            click.echo(
+                "note: --semantic understands English only; searching words instead", err=True
+            )
+            limit = limit or SEMANTIC_LIMIT
+        elif semantic:
+            _semantic(library, text, model, prefix, limit or SEMANTIC_LIMIT, as_json, print0)
+            return
+        hits = library.search(
+            text, language=language, model=model, folder=prefix, limit=limit, details=as_json
+        )
     if as_json:
+        from vlmtag.text import display_path
+
         rows = [
             {
-                "path": h.path,
+                "path": display_path(h.path),
                 "score": float(f"{h.score:.6g}"),
                 "model": h.model,
                 "backend": h.backend,
+                "language": h.language,
                 "tags": h.tags,
                 "description": h.description,
             }
             for h in hits
         ]
-        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        echo_json(rows)
         return
-    _print_paths([h.path for h in hits], print0)
+    echo_paths([h.path for h in hits], print0)
     if not hits:
         click.echo(f"no images match {text!r}", err=True)
 
 
-def _semantic(store, text, model, prefix, limit, as_json, print0) -> None:
+def _semantic(library, text, model, prefix, limit, as_json, print0) -> None:
     try:
-        from vlmtag.library.semantic import semantic_search
+        import vlmtag.library.semantic  # noqa: F401 - is the module there at all?
     except ModuleNotFoundError as exc:
         if exc.name != "vlmtag.library.semantic":
             raise
         fail("this vlmtag has no semantic search; search words without --semantic")
-    results = semantic_search(store, text, limit=limit, model=model, path_prefix=prefix)
+    results = library.search_meaning(text, model=model, folder=prefix, limit=limit)
     if as_json:
-        rows = [{"path": p, "score": float(f"{s:.6g}")} for p, s in results]
-        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        from vlmtag.text import display_path
+
+        echo_json([{"path": display_path(p), "score": float(f"{s:.6g}")} for p, s in results])
         return
-    _print_paths([p for p, _ in results], print0)
+    echo_paths([p for p, _ in results], print0)
     if not results:
         click.echo(f"no images match {text!r}", err=True)
 
 
-def _print_paths(paths: list[str], print0: bool) -> None:
-    # One write: a line at a time costs seconds for a hundred thousand paths.
-    end = "\0" if print0 else "\n"
-    click.echo("".join(p + end for p in paths), nl=False)
-
-
-# ---- the vocabulary --------------------------------------------------------------------------
+# ---- the vocabulary and people's decisions ---------------------------------------------------
 
 
 @click.group(invoke_without_command=True)
 @db_option
-@click.option("--model", default=None, help="Count only annotations of this model.")
+@click.option("--model", default=None, help="Count only keywords of this model's answers.")
+@language_option
 @click.option("--limit", "-n", type=click.IntRange(1), default=None, help="At most N tags.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of {tag, count}.")
 @click.pass_context
 @friendly_errors
-def tags(ctx: click.Context, db: str | None, model: str | None, limit: int | None, as_json: bool):
-    """List tags, most used first, with how many images have each; edit the vocabulary.
+def tags(
+    ctx: click.Context,
+    db: str | None,
+    model: str | None,
+    language: str | None,
+    limit: int | None,
+    as_json: bool,
+):
+    """List keywords, most used first, with how many images have each; edit them.
 
-    Counts cover files on disk, by the newest annotation of each (what export shows).
-    Renames and drops also apply to images tagged later: a model that says
-    "kitty" after `rename kitty cat` is stored as "cat"; a dropped tag stays dropped.
+    Counts cover files on disk, by their current keywords (what show and export print).
+    Renames and drops also apply to images tagged later: a model that says "kitty" after
+    `rename kitty cat` shows "cat"; a dropped keyword stays dropped. Keywords added or
+    removed by hand on one image stay so whatever a later run, model or --force says.
 
     \b
     A rules file (tags apply FILE) has one rule a line, # for comments:
@@ -166,12 +191,10 @@ def tags(ctx: click.Context, db: str | None, model: str | None, limit: int | Non
     ctx.obj["db"] = db
     if ctx.invoked_subcommand is not None:
         return
-    from vlmtag.library.vocab import tag_counts
-
-    counts = tag_counts(open_store(db), model=model, limit=limit)
+    with open_library(db) as library:
+        counts = library.keyword_counts(language=language_code(language), model=model, limit=limit)
     if as_json:
-        rows = [{"tag": c.tag, "count": c.count} for c in counts]
-        click.echo(json.dumps(rows, ensure_ascii=False, indent=2))
+        echo_json([{"tag": c.tag, "count": c.count} for c in counts])
         return
     for c in counts:
         click.echo(f"{c.count:>7}  {c.tag}")
@@ -179,8 +202,8 @@ def tags(ctx: click.Context, db: str | None, model: str | None, limit: int | Non
         click.echo("no tags yet: tag some images with `vlmtag tag DIR`", err=True)
 
 
-def _store(ctx: click.Context, db: str | None):
-    return open_store(db or (ctx.obj or {}).get("db"))
+def _library(ctx: click.Context, db: str | None):
+    return open_library(db or (ctx.obj or {}).get("db"))
 
 
 @tags.command()
@@ -190,11 +213,10 @@ def _store(ctx: click.Context, db: str | None):
 @click.pass_context
 @friendly_errors
 def rename(ctx: click.Context, old: str, new: str, db: str | None) -> None:
-    """Rename tag OLD to NEW on every image, and in later runs."""
-    from vlmtag.library.vocab import rename as do_rename
-
-    changed = do_rename(_store(ctx, db), old, new)
-    click.echo(f"renamed {old!r} to {new!r} on {changed} annotations; later runs do the same")
+    """Rename keyword OLD to NEW on every image, and in later runs (NEW keeps its case)."""
+    with _library(ctx, db) as library:
+        changed = library.rename_keyword(old, new)
+    click.echo(f"renamed {old!r} to {new!r} on {changed} images; later runs do the same")
 
 
 @tags.command()
@@ -203,14 +225,13 @@ def rename(ctx: click.Context, old: str, new: str, db: str | None) -> None:
 @click.pass_context
 @friendly_errors
 def merge(ctx: click.Context, words: tuple[str, ...], db: str | None) -> None:
-    """Merge tags A, B... into C on every image, and in later runs."""
-    from vlmtag.library.vocab import merge as do_merge
-
+    """Merge keywords A, B... into C on every image, and in later runs."""
     if words.count("INTO") != 1 or words[-2:-1] != ("INTO",) or words[0] == "INTO":
         fail("write: vlmtag tags merge A [B...] INTO C  (INTO in capitals, one tag after it)")
     sources, target = words[:-2], words[-1]
-    changed = do_merge(_store(ctx, db), sources, target)
-    click.echo(f"merged {', '.join(sources)} into {target!r} on {changed} annotations")
+    with _library(ctx, db) as library:
+        changed = library.merge_keywords(sources, target)
+    click.echo(f"merged {', '.join(sources)} into {target!r} on {changed} images")
 
 
 @tags.command()
@@ -219,11 +240,10 @@ def merge(ctx: click.Context, words: tuple[str, ...], db: str | None) -> None:
 @click.pass_context
 @friendly_errors
 def drop(ctx: click.Context, tag: str, db: str | None) -> None:
-    """Remove TAG from every image, and from later runs."""
-    from vlmtag.library.vocab import drop as do_drop
-
-    changed = do_drop(_store(ctx, db), tag)
-    click.echo(f"dropped {tag!r} from {changed} annotations; later runs drop it too")
+    """Remove keyword TAG from every image, and from later runs."""
+    with _library(ctx, db) as library:
+        changed = library.drop_keyword(tag)
+    click.echo(f"dropped {tag!r} from {changed} images; later runs drop it too")
 
 
 @tags.command("apply")
@@ -232,20 +252,21 @@ def drop(ctx: click.Context, tag: str, db: str | None) -> None:
 @click.pass_context
 @friendly_errors
 def apply_file(ctx: click.Context, file: str, db: str | None) -> None:
-    """Apply a rules file (synonyms and stop words) to stored tags and later runs.
+    """Apply a rules file (synonyms and stop words) to every image and later runs.
 
     \b
     One rule a line, # for comments:
       kitty, kitten => cat     rename to cat
       -blurry                  drop
     """
-    from vlmtag.library.vocab import DROP, apply_rules_file
+    from vlmtag.library.rules import DROP
 
-    edits, changed = apply_rules_file(_store(ctx, db), file)
+    with _library(ctx, db) as library:
+        edits, changed = library.apply_rules(file)
     drops = sum(e.action == DROP for e in edits)
     click.echo(
         f"applied {len(edits) - drops} renames and {drops} drops from {file} "
-        f"to {changed} annotations; later runs follow them"
+        f"to {changed} images; later runs follow them"
     )
 
 
@@ -253,14 +274,18 @@ def apply_file(ctx: click.Context, file: str, db: str | None) -> None:
 @click.argument("path", type=click.Path())
 @click.argument("tag_names", nargs=-1, required=True, metavar="TAG...")
 @db_option
-@click.option("--model", default=None, help="Add to this model's annotation. Default: newest.")
+@click.option("--language", default=None, metavar="CODE", help=SCOPE_HELP)
+@click.option("--model", default=None, hidden=True)  # decisions belong to the image now
 @click.pass_context
 @friendly_errors
-def add(ctx, path: str, tag_names: tuple[str, ...], db: str | None, model: str | None) -> None:
-    """Add tags to one image by hand (a re-tag with --force keeps them)."""
-    from vlmtag.library.vocab import add_tags
+def add(ctx, path: str, tag_names: tuple[str, ...], db: str | None, language, model) -> None:
+    """Add keywords to one image by hand, as typed ("Grace Hopper" keeps its case).
 
-    added = add_tags(_store(ctx, db), os.path.abspath(path), tag_names, model=model)
+    They stay whatever a later run, model, language or --force says; quote a keyword with
+    a space. A keyword may not hold a comma or a line break (captions and CSV split there).
+    """
+    with _library(ctx, db) as library:
+        added = library.add_keywords([path], tag_names, language=language_code(language) or "")
     click.echo(f"added {added} tags to {os.path.abspath(path)}")
 
 
@@ -268,11 +293,44 @@ def add(ctx, path: str, tag_names: tuple[str, ...], db: str | None, model: str |
 @click.argument("path", type=click.Path())
 @click.argument("tag_names", nargs=-1, required=True, metavar="TAG...")
 @db_option
+@click.option("--language", default=None, metavar="CODE", help=SCOPE_HELP)
 @click.pass_context
 @friendly_errors
-def remove(ctx, path: str, tag_names: tuple[str, ...], db: str | None) -> None:
-    """Remove tags from one image (a model's tag returns if it re-tags with --force)."""
-    from vlmtag.library.vocab import remove_tags
-
-    removed = remove_tags(_store(ctx, db), os.path.abspath(path), tag_names)
+def remove(ctx, path: str, tag_names: tuple[str, ...], db: str | None, language) -> None:
+    """Remove keywords from one image: they stay removed, whatever a model says later."""
+    with _library(ctx, db) as library:
+        removed = library.reject_keywords([path], tag_names, language=language_code(language) or "")
     click.echo(f"removed {removed} tags from {os.path.abspath(path)}")
+
+
+@tags.command()
+@click.argument("path", type=click.Path(), required=False)
+@db_option
+@click.option("--count", "-n", type=click.IntRange(1), default=1, help="How many. Default 1.")
+@click.pass_context
+@friendly_errors
+def undo(ctx, path: str | None, db: str | None, count: int) -> None:
+    """Take back the last decisions made by hand (on PATH only, if given)."""
+    with _library(ctx, db) as library:
+        undone = library.undo(path, count)
+    if not undone:
+        click.echo("nothing to undo", err=True)
+    for d in undone:
+        what = f"the description {d.description!r}" if d.action == "describe" else d.keyword
+        click.echo(f"undid: {d.action} {what} ({d.author}, {d.created_at})")
+
+
+@click.command()
+@click.argument("path", type=click.Path())
+@click.argument("text")
+@db_option
+@click.option("--language", default=None, metavar="CODE", help=SCOPE_HELP)
+@friendly_errors
+def describe(path: str, text: str, db: str | None, language: str | None) -> None:
+    """Write the description of one image by hand; it wins over every model's, now and later.
+
+    `vlmtag tags undo PATH` takes it back.
+    """
+    with open_library(db) as library:
+        library.describe([path], text, language=language_code(language) or "")
+    click.echo(f"described {os.path.abspath(path)}")

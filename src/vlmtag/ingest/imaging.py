@@ -16,8 +16,8 @@ from typing import IO
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from vlmtag.errors import ImageError
-from vlmtag.ingest.scan import describe_os_error
-from vlmtag.models.base import PreparedImage
+from vlmtag.ingest.files import describe_os_error, open_regular
+from vlmtag.types import PreparedImage
 
 DEFAULT_MAX_PIXELS = 100_000_000
 
@@ -82,17 +82,27 @@ def prepare(
         raise ValueError(f"box must be positive, got {box}")  # a caller's bug, not the file's
     if isinstance(source, bytes | bytearray | memoryview):
         return _prepare_stream(io.BytesIO(source), box, max_pixels, keep_pixels, quality)
-    try:
-        stream = open(source, "rb")  # noqa: SIM115 - closed below; errors mapped first
-    except OSError as err:
-        raise ImageError(describe_os_error(err)) from None
+    stream, _ = open_regular(os.fspath(source))
     with stream:
         return _prepare_stream(stream, box, max_pixels, keep_pixels, quality)
+
+
+def probe(stream: IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """The stored (width, height) from the header alone: no pixel decoded, the stream read no
+    further than the header needs. ImageError for what is not an image or is too large."""
+    return _decoding(stream, max_pixels, lambda im: _check_size(im.size, max_pixels))
 
 
 def _prepare_stream(
     stream: IO[bytes], box: tuple[int, int] | None, max_pixels: int, keep: bool, quality: int
 ) -> PreparedImage:
+    return _decoding(
+        stream, max_pixels, lambda im: _prepare_image(im, box, max_pixels, keep, quality)
+    )
+
+
+def _decoding(stream: IO[bytes], max_pixels: int, work):
+    """Open the stream with Pillow and run work(image), every failure an ImageError."""
     try:
         head = stream.read(16)
         stream.seek(0)
@@ -105,7 +115,7 @@ def _prepare_stream(
     _allow_pillow_up_to(max_pixels)
     try:
         with Image.open(stream) as im:
-            return _prepare_image(im, box, max_pixels, keep, quality)
+            return work(im)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -120,16 +130,21 @@ def _prepare_stream(
         raise ImageError(_decode_error(err)) from None
 
 
-def _prepare_image(
-    im: ImageFile.ImageFile, box: tuple[int, int] | None, max_pixels: int, keep: bool, quality: int
-) -> PreparedImage:
-    width, height = im.size
+def _check_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    width, height = size
     # The guard runs on the header size, before a single pixel is decoded.
     if width * height > max_pixels:
         raise ImageError(
             f"image too large: {width}x{height} ({_mp(width * height)}) exceeds the"
             f" {_mp(max_pixels)} limit; raise it with --max-pixels"
         )
+    return width, height
+
+
+def _prepare_image(
+    im: ImageFile.ImageFile, box: tuple[int, int] | None, max_pixels: int, keep: bool, quality: int
+) -> PreparedImage:
+    width, height = _check_size(im.size, max_pixels)
     orientation = _orientation(im)
     swapped = orientation in _SWAPS_SIDES
     upright_size = (height, width) if swapped else (width, height)

@@ -1,20 +1,17 @@
-"""Find the image files under some folders, and read and identify one file.
+"""Find the image files under some folders.
 
 walk() yields one FileStat (path, size, mtime) per image with one stat call each, in a stable
-order; content_id() names a file by its bytes so renames and duplicates are recognised.
+order, and stops between two entries as soon as `stop()` says so (Ctrl-C during a long scan).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from operator import attrgetter
-
-from vlmtag.errors import ImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif"}
@@ -43,6 +40,7 @@ def walk(
     *,
     ignore: Collection[str] = (),
     on_error: ErrorHandler | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Iterator[FileStat]:
     """Yield every image file under `roots`, depth-first, each directory's entries sorted by name.
 
@@ -51,41 +49,19 @@ def walk(
     `ignore` holds absolute paths to leave out. Problems (unreadable folder, broken link,
     file gone) go to on_error(path, reason) and the walk goes on.
     """
-    walker = _Walker({os.path.abspath(p) for p in ignore}, on_error or _ignore_error)
+    walker = _Walker({os.path.abspath(p) for p in ignore}, on_error or _ignore_error, stop)
     for root in roots:
+        if walker.stopped():
+            return
         yield from walker.root(os.path.abspath(os.fspath(root)))
-
-
-def content_id(data: bytes) -> str:
-    """The identity of a file's content: SHA-256, hex (about 1.5 GB/s, a few ms per photo)."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def read_file(path: str) -> bytes:
-    """All of a file's bytes; an empty file gives b"". Raises ImageError when it cannot be read."""
-    try:
-        with open(path, "rb") as stream:
-            return stream.read()
-    except OSError as err:
-        raise ImageError(describe_os_error(err)) from None
-
-
-def describe_os_error(err: OSError) -> str:
-    """One line a person understands for a failed open or read, with what to do about it."""
-    if isinstance(err, FileNotFoundError):
-        return "file vanished: it was moved or deleted after the scan; run again to pick it up"
-    if isinstance(err, PermissionError):
-        return "permission denied; give this user read access to the file"
-    if isinstance(err, IsADirectoryError):
-        return "is a directory, not a file"
-    reason = err.strerror or str(err) or type(err).__name__
-    if err.errno == errno.EIO:
-        return f"cannot read file ({reason}); the disk or network share may be failing"
-    return f"cannot read file ({reason})"
 
 
 def _ignore_error(path: str, reason: str) -> None:
     pass
+
+
+def _never() -> bool:
+    return False
 
 
 def _hidden(name: str) -> bool:
@@ -95,9 +71,12 @@ def _hidden(name: str) -> bool:
 class _Walker:
     """State shared across the roots of one walk: what was seen, what to skip."""
 
-    def __init__(self, ignore: set[str], on_error: ErrorHandler) -> None:
+    def __init__(
+        self, ignore: set[str], on_error: ErrorHandler, stop: Callable[[], bool] | None
+    ) -> None:
         self.ignore = ignore
         self.on_error = on_error
+        self.stopped = stop or _never
         self.visited_dirs: set[tuple[int, int]] = set()  # (st_dev, st_ino): loops, overlaps
         self.file_roots: set[str] = set()  # files given as roots, so a later dir skips them
 
@@ -142,9 +121,12 @@ class _Walker:
         # An explicit stack of sorted listings, so no recursion limit on deep trees; a
         # listing's iterator stays on the stack while its sub-folder is walked.
         ignore, file_roots, on_error = self.ignore, self.file_roots, self.on_error
+        stopped = self.stopped
         stack = [iter(self._listing(top))]
         while stack:
             for entry in stack[-1]:
+                if stopped():
+                    return
                 name = entry.name
                 if name.startswith("."):
                     continue

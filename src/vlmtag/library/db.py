@@ -1,7 +1,9 @@
-"""The SQLite store: schema and migrations, the read queries, and the single batched writer.
+"""An open vlmtag database: connecting, migrating, the reads every run needs, run rows.
 
 WAL mode with synchronous=NORMAL: a crash (even power loss) loses at most the last
-uncommitted batch and never corrupts the file. Only the Writer writes during a run.
+uncommitted batch and never corrupts the file. During a run only the Writer writes rows.
+A database can be opened read-only (a file or folder without write permission, a copy on a
+read-only share): search, show and export then work, nothing is written.
 """
 
 from __future__ import annotations
@@ -9,152 +11,57 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
+import socket
 import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from vlmtag.errors import StoreError
-from vlmtag.library import search, vocab  # neither imports the store at import time
+from vlmtag.library import current
+from vlmtag.library.paths import from_db, to_db
+from vlmtag.library.schema import MIGRATIONS, PYTHON_STEPS, SCHEMA_VERSION
 
 APP_ID = 0x766C6D74  # "vlmt": marks the file as ours, so a foreign db is never touched
-COMMIT_ROWS = 300  # commit after this many writes ...
-COMMIT_SECONDS = 1.0  # ... or this long after the first uncommitted one
 BUSY_TIMEOUT_MS = 15_000  # wait this long for another vlmtag process holding the write lock
-
-MIGRATIONS: list[str] = [
-    # 1: the first schema
-    """
-    CREATE TABLE images (
-        content_id TEXT PRIMARY KEY,
-        size INTEGER,
-        width INTEGER,
-        height INTEGER,
-        first_seen TEXT NOT NULL
-    );
-    CREATE TABLE files (
-        path TEXT PRIMARY KEY,
-        content_id TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        mtime_ns INTEGER NOT NULL,
-        present INTEGER NOT NULL DEFAULT 1,
-        first_seen TEXT NOT NULL,
-        last_seen TEXT NOT NULL
-    );
-    CREATE INDEX files_content_id ON files(content_id);
-    CREATE TABLE runs (
-        id INTEGER PRIMARY KEY,
-        started_at TEXT NOT NULL,
-        finished_at TEXT,
-        status TEXT NOT NULL DEFAULT 'running',
-        backend TEXT NOT NULL,
-        model TEXT NOT NULL,
-        prompt_key TEXT NOT NULL,
-        params TEXT NOT NULL,
-        counts TEXT,
-        timings TEXT
-    );
-    CREATE TABLE annotations (
-        id INTEGER PRIMARY KEY,
-        content_id TEXT NOT NULL,
-        backend TEXT NOT NULL,
-        model TEXT NOT NULL,
-        prompt_key TEXT NOT NULL,
-        language TEXT,
-        description TEXT,
-        raw TEXT,
-        server_timings TEXT,
-        run_id INTEGER REFERENCES runs(id),
-        created_at TEXT NOT NULL,
-        UNIQUE (content_id, backend, model, prompt_key)
-    );
-    CREATE TABLE tags (
-        annotation_id INTEGER NOT NULL REFERENCES annotations(id) ON DELETE CASCADE,
-        position INTEGER NOT NULL,
-        tag TEXT NOT NULL,
-        confidence REAL,
-        source TEXT NOT NULL DEFAULT 'model',
-        PRIMARY KEY (annotation_id, tag)
-    );
-    CREATE INDEX tags_tag ON tags(tag);
-    CREATE TABLE failures (
-        id INTEGER PRIMARY KEY,
-        path TEXT NOT NULL,
-        content_id TEXT,
-        backend TEXT NOT NULL,
-        model TEXT NOT NULL,
-        prompt_key TEXT NOT NULL,
-        stage TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 1,
-        run_id INTEGER REFERENCES runs(id),
-        last_at TEXT NOT NULL,
-        UNIQUE (path, backend, model, prompt_key)
-    );
-    """,
-    # 2: what people change in the vocabulary, and text embeddings for semantic search
-    """
-    CREATE TABLE tag_edits (
-        id INTEGER PRIMARY KEY,
-        action TEXT NOT NULL,
-        old TEXT NOT NULL,
-        new TEXT,
-        created_at TEXT NOT NULL
-    );
-    CREATE TABLE embeddings (
-        annotation_id INTEGER PRIMARY KEY REFERENCES annotations(id) ON DELETE CASCADE,
-        model TEXT NOT NULL,
-        text_hash TEXT NOT NULL,
-        dim INTEGER NOT NULL,
-        vector BLOB NOT NULL
-    );
-    """,
-    # 3: full-text search (vlmtag.library.search). CJK text goes in one character per token, so the
-    # default tokenizer finds 1- and 2-character words. Rows already there are indexed by the
-    # first search (the split needs Python), which the 'rebuild' mark asks for.
-    """
-    CREATE VIRTUAL TABLE search_index USING fts5(
-        tags, description, tagkeys, tokenize = 'unicode61 remove_diacritics 2'
-    );
-    CREATE TABLE search_meta (
-        key TEXT PRIMARY KEY,
-        value TEXT NOT NULL
-    );
-    INSERT INTO search_meta (key, value)
-        SELECT 'rebuild', 'migration 3' WHERE EXISTS (SELECT 1 FROM annotations);
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
+RUN_ROW_ATTEMPTS = 5  # a run row that meets a locked database is tried this often
+RUN_ROW_BACKOFF = 0.5  # seconds before the second try, doubling
+FINAL_STATUSES = ("done", "interrupted", "stopped", "failed")
 
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def db_text(path: str) -> str:
-    """A path as SQLite can store it.
-
-    Names with bytes that are not UTF-8 come from os.fsdecode with surrogates, which SQLite
-    rejects; they are stored with those bytes escaped (\\xNN) so the row still names the file.
-    """
-    try:
-        path.encode("utf-8")
-        return path
-    except UnicodeEncodeError:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    conn = sqlite3.connect(os.fspath(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+def connect(path: str | os.PathLike[str], *, readonly: bool = False) -> sqlite3.Connection:
+    """A connection with vlmtag's settings; readonly opens the file as it is, writing nothing."""
+    if readonly:
+        conn = _connect_readonly(os.fspath(path))
+    else:
+        conn = sqlite3.connect(
+            os.fspath(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
+        )
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+def _connect_readonly(path: str) -> sqlite3.Connection:
+    uri = "file:" + quote(os.path.abspath(path)) + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        # A WAL database in a folder we cannot write: SQLite cannot make its -shm file.
+        # Nobody can be writing it then (they could not either), so read it as it is.
+        conn.close()
+        return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,61 +73,139 @@ class KnownFile:
 
 
 class Store:
-    """An open vlmtag database. Use Store.open(); reads here, writes through writer()."""
+    """An open vlmtag database. Use Store.open(); reads here, run rows here, rows by Writer."""
 
-    def __init__(self, path: str, conn: sqlite3.Connection):
+    def __init__(self, path: str, conn: sqlite3.Connection, *, readonly: bool = False):
         self.path = path
         self.conn = conn
+        self.readonly = readonly
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, create: bool = True) -> Store:
+    def open(
+        cls, path: str | os.PathLike[str], *, create: bool = True, readonly: bool = False
+    ) -> Store:
+        """Open (and migrate) the database at path. readonly: never write to it."""
         path = os.path.abspath(os.fspath(path))
-        if not create and not os.path.exists(path):
-            raise StoreError(f"no database at {path}; run `vlmtag tag DIR --db {path}` first")
-        parent = os.path.dirname(path)
+        if not os.path.exists(path):
+            if not create or readonly:
+                raise StoreError(f"no database at {path}; run `vlmtag tag DIR --db {path}` first")
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            except OSError as exc:
+                raise StoreError(
+                    f"cannot create the folder for the database {path}: {exc}"
+                ) from exc
+        conn = None
         try:
-            os.makedirs(parent, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create the folder for the database {path}: {exc}") from exc
-        try:
-            conn = connect(path)
-            store = cls(path, conn)
+            conn = connect(path, readonly=readonly)
+            store = cls(path, conn, readonly=readonly)
             store._check_ours()
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")
-            store._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise _store_error(path, exc) from exc
+            if readonly:
+                store._check_version()
+            else:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                store._migrate()
+                store._close_abandoned_runs()
+        except (sqlite3.DatabaseError, StoreError) as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise store_error(path, exc) from exc
         return store
 
+    @classmethod
+    def open_for_reading(cls, path: str | os.PathLike[str]) -> Store:
+        """Writable when it can be (so an older schema is migrated), else read-only."""
+        try:
+            return cls.open(path, create=False)
+        except StoreError as exc:
+            if not _is_readonly(exc) or not os.path.exists(os.path.abspath(os.fspath(path))):
+                raise
+        return cls.open(path, create=False, readonly=True)
+
     def _check_ours(self) -> None:
-        app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
-        tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        # One read transaction: another process creating the schema right now is seen either
+        # before it started or after it finished, never half-way (empty, yet with tables).
+        self.conn.execute("BEGIN")
+        try:
+            app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        finally:
+            self.conn.execute("COMMIT")
         if app_id != APP_ID and (app_id != 0 or tables):
             raise StoreError(
                 f"{self.path} is an SQLite file of another program, not a vlmtag database; "
                 "nothing was changed. Pass another --db FILE"
             )
 
-    def _migrate(self) -> None:
+    def _version(self) -> int:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"{self.path} was written by a newer vlmtag (schema {version}, this one knows "
                 f"{SCHEMA_VERSION}); upgrade vlmtag: pip install -U vlmtag"
             )
-        for number in range(version, SCHEMA_VERSION):
+        return version
+
+    def _check_version(self) -> None:
+        if self._version() < SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by an older vlmtag and is read-only here, so it "
+                "cannot be upgraded; run any vlmtag command on it once where it is writable"
+            )
+
+    def _migrate(self) -> None:
+        for number in range(self._version(), SCHEMA_VERSION):
             with self.transaction():
                 # Another process may have migrated between our read and our write lock.
                 if self.conn.execute("PRAGMA user_version").fetchone()[0] > number:
                     continue
                 for statement in _statements(MIGRATIONS[number]):
                     self.conn.execute(statement)
+                if number + 1 in PYTHON_STEPS:
+                    _python_step(self.conn, number + 1)
                 self.conn.execute(f"PRAGMA application_id = {APP_ID}")
                 self.conn.execute(f"PRAGMA user_version = {number + 1}")
 
+    def _close_abandoned_runs(self) -> None:
+        """Runs left "running" by a process of this machine that is gone (kill -9, a crash,
+        a power cut) get their final status now."""
+        host = socket.gethostname()
+        stale = [
+            r[0]
+            for r in self.conn.execute(
+                "SELECT id, pid, host FROM runs WHERE status = 'running'"
+            ).fetchall()
+            if r[2] in (None, host) and not _alive(r[1])
+        ]
+        if not stale:
+            return
+        # Busy or read-only: the next open does it.
+        with contextlib.suppress(sqlite3.OperationalError), self.transaction() as conn:
+            conn.executemany(
+                "UPDATE runs SET status = 'interrupted', finished_at = ?, stopped_reason = ?"
+                " WHERE id = ? AND status = 'running'",
+                [
+                    (now(), "the process ended before the run did (killed or crashed)", i)
+                    for i in stale
+                ],
+            )
+
     def transaction(self) -> _Transaction:
         return _Transaction(self.conn)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[sqlite3.Connection]:
+        """transaction(), where a busy or read-only database is a StoreError, not a trace."""
+        if self.readonly:
+            raise StoreError(f"the database {self.path} is read-only here; nothing was changed")
+        try:
+            with self.transaction() as conn:
+                yield conn
+        except sqlite3.OperationalError as exc:
+            raise store_error(self.path, exc) from exc
 
     def close(self) -> None:
         self.conn.close()
@@ -230,7 +215,7 @@ class Store:
     def known_files(self) -> dict[str, KnownFile]:
         """Everything the store knows about paths, in one query (the rescan fast path)."""
         rows = self.conn.execute("SELECT path, size, mtime_ns, content_id, present FROM files")
-        return {r[0]: KnownFile(r[1], r[2], r[3], bool(r[4])) for r in rows}
+        return {from_db(r[0]): KnownFile(r[1], r[2], r[3], bool(r[4])) for r in rows}
 
     def done_content_ids(self, backend: str, model: str, prompt_key: str) -> set[str]:
         rows = self.conn.execute(
@@ -244,112 +229,173 @@ class Store:
             "SELECT path FROM failures WHERE backend = ? AND model = ? AND prompt_key = ?",
             (backend, model, prompt_key),
         )
-        return {r[0] for r in rows}
+        return {from_db(r[0]) for r in rows}
 
     def failure_paths(self) -> set[str]:
         """Every path with a failure recorded, whatever the model."""
-        return {r[0] for r in self.conn.execute("SELECT DISTINCT path FROM failures")}
+        return {from_db(r[0]) for r in self.conn.execute("SELECT DISTINCT path FROM failures")}
 
-    def latest_annotations(
-        self, *, model: str | None = None, path_prefix: str | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """The newest annotation of each present file (optionally of one model), by path."""
-        sql = """
-            SELECT f.path, f.content_id, a.id, a.backend, a.model, a.description, a.language,
-                   a.created_at, a.prompt_key
-            FROM files f JOIN annotations a ON a.content_id = f.content_id
-            WHERE f.present = 1 {model} {prefix}
-            ORDER BY f.path, a.created_at DESC, a.id DESC
-        """.format(
-            model="AND a.model = :model" if model else "",
-            prefix="AND substr(f.path, 1, length(:prefix)) = :prefix" if path_prefix else "",
-        )
-        last_path = None
-        for row in self.conn.execute(sql, {"model": model, "prefix": path_prefix}):
-            if row["path"] == last_path:
-                continue
-            last_path = row["path"]
-            yield self._annotation_dict(row)
-
-    def annotations_for_path(self, path: str) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            """
-            SELECT f.path, f.content_id, a.id, a.backend, a.model, a.description, a.language,
-                   a.created_at, a.prompt_key
-            FROM files f JOIN annotations a ON a.content_id = f.content_id
-            WHERE f.path = ? ORDER BY a.created_at DESC, a.id DESC
-            """,
-            (db_text(path),),
-        )
-        return [self._annotation_dict(r) for r in rows]
-
-    def file_row(self, path: str) -> sqlite3.Row | None:
-        return self.conn.execute("SELECT * FROM files WHERE path = ?", (db_text(path),)).fetchone()
+    def file_row(self, path: str) -> dict[str, Any] | None:
+        row = self.conn.execute("SELECT * FROM files WHERE path = ?", (to_db(path),)).fetchone()
+        return None if row is None else {**dict(row), "path": from_db(row["path"])}
 
     def paths_of(self, content_id: str) -> list[str]:
         rows = self.conn.execute(
             "SELECT path FROM files WHERE content_id = ? AND present = 1 ORDER BY path",
             (content_id,),
         )
-        return [r[0] for r in rows]
+        return [from_db(r[0]) for r in rows]
+
+    def annotations_of(self, content_id: str) -> list[dict[str, Any]]:
+        """What each model said about one content, newest first: its history."""
+        rows = self.conn.execute(
+            "SELECT id, backend, model, language, description, created_at, prompt_key "
+            "FROM annotations WHERE content_id = ? ORDER BY created_at DESC, id DESC",
+            (content_id,),
+        ).fetchall()
+        out = []
+        for r in rows:
+            tags = self.conn.execute(
+                "SELECT tag, confidence FROM tags WHERE annotation_id = ? ORDER BY position",
+                (r["id"],),
+            ).fetchall()
+            record = dict(r)
+            del record["id"]
+            out.append(
+                {**record, "tags": [t[0] for t in tags], "confidences": [t[1] for t in tags]}
+            )
+        return out
 
     def failures(self, *, run_id: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM failures {} ORDER BY path".format("WHERE run_id = ?" if run_id else "")
-        return [dict(r) for r in self.conn.execute(sql, (run_id,) if run_id else ())]
+        rows = self.conn.execute(sql, (run_id,) if run_id else ())
+        return [{**dict(r), "path": from_db(r["path"])} for r in rows]
 
-    def _annotation_dict(self, row: sqlite3.Row) -> dict[str, Any]:
-        tags = self.conn.execute(
-            "SELECT tag, confidence FROM tags WHERE annotation_id = ? ORDER BY position",
-            (row["id"],),
-        ).fetchall()
-        return {
-            "path": row["path"],
-            "content_id": row["content_id"],
-            "tags": [t[0] for t in tags],
-            "confidences": [t[1] for t in tags],
-            "description": row["description"],
-            "model": row["model"],
-            "backend": row["backend"],
-            "language": row["language"],
-            "created_at": row["created_at"],
-            "prompt_key": row["prompt_key"],
-        }
+    def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT * FROM runs ORDER BY id DESC LIMIT ?", (-1 if limit is None else limit,)
+        )
+        return [dict(r) for r in rows]
 
     # ---- runs --------------------------------------------------------------------------
 
     def start_run(self, backend: str, model: str, prompt_key: str, params: dict) -> int:
-        cur = self.conn.execute(
-            "INSERT INTO runs (started_at, backend, model, prompt_key, params) VALUES (?,?,?,?,?)",
-            (now(), backend, model, prompt_key, json.dumps(params, sort_keys=True)),
+        def insert() -> int:
+            cur = self.conn.execute(
+                "INSERT INTO runs (started_at, backend, model, prompt_key, params, pid, host) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (
+                    now(),
+                    backend,
+                    model,
+                    prompt_key,
+                    json.dumps(params, sort_keys=True),
+                    os.getpid(),
+                    socket.gethostname(),
+                ),
+            )
+            return int(cur.lastrowid)
+
+        return self._patiently(insert)
+
+    def finish_run(
+        self,
+        run_id: int,
+        status: str,
+        counts: dict,
+        timings: dict,
+        stopped_reason: str | None = None,
+    ) -> None:
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"not a final status: {status!r}")
+
+        def update() -> None:
+            self.conn.execute(
+                "UPDATE runs SET finished_at = ?, status = ?, counts = ?, timings = ?, "
+                "stopped_reason = ? WHERE id = ?",
+                (now(), status, json.dumps(counts), json.dumps(timings), stopped_reason, run_id),
+            )
+
+        self._patiently(update)
+
+    def _patiently(self, write):
+        """A single write, tried again while another process holds the lock (bounded)."""
+        delay = RUN_ROW_BACKOFF
+        for attempt in range(RUN_ROW_ATTEMPTS):
+            try:
+                return write()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or attempt == RUN_ROW_ATTEMPTS - 1:
+                    raise store_error(self.path, exc) from exc
+            time.sleep(delay)
+            delay *= 2
+
+
+def _python_step(conn: sqlite3.Connection, number: int) -> None:
+    if number == 4:
+        # People's tags were rows among a model's tags; they become decisions of the image
+        # (in every language), and the model's rows keep only what the model said.
+        from vlmtag.text import keyword_key
+
+        rows = conn.execute(
+            "SELECT a.content_id, t.tag, a.created_at FROM tags t "
+            "JOIN annotations a ON a.id = t.annotation_id WHERE t.source = 'human' "
+            "ORDER BY a.created_at, a.id, t.position"
+        ).fetchall()
+        conn.executemany(
+            "INSERT INTO decisions (content_id, language, action, keyword, keyword_key, author, "
+            "created_at) VALUES (?, '', 'add', ?, ?, 'migrated from schema 3', ?)",
+            [(r[0], r[1], keyword_key(r[1]), r[2]) for r in rows],
         )
-        return int(cur.lastrowid)
-
-    def finish_run(self, run_id: int, status: str, counts: dict, timings: dict) -> None:
-        self.conn.execute(
-            "UPDATE runs SET finished_at = ?, status = ?, counts = ?, timings = ? WHERE id = ?",
-            (now(), status, json.dumps(counts), json.dumps(timings), run_id),
-        )
-
-    def writer(self) -> Writer:
-        return Writer(self.path)
+        conn.execute("DELETE FROM tags WHERE source = 'human'")
+        current.rebuild_all(conn)
 
 
-def _statements(script: str) -> Iterable[str]:
+def _statements(script: str) -> list[str]:
     """Split a migration into statements so they run inside one explicit transaction."""
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _store_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
+
+
+def _is_busy(exc: BaseException) -> bool:
     text = str(exc)
-    if "not a database" in text or "malformed" in text:
+    return "locked" in text or "busy" in text
+
+
+def _is_readonly(exc: StoreError) -> bool:
+    return "read-only" in str(exc)
+
+
+def store_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
+    """A one-line StoreError saying what is wrong with the database file and what to do."""
+    text = str(exc)
+    if "not a database" in text or "malformed" in text or "corrupt" in text:
         return StoreError(
             f"{path} is not a readable SQLite database ({text}); nothing was changed. "
             "Pass another --db FILE, or restore the file from a backup"
         )
-    if "locked" in text or "busy" in text:
+    if _is_busy(exc):
         return StoreError(
             f"the database {path} is busy: another vlmtag run holds it; wait for it to finish"
         )
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return StoreError(
+            f"the database {path} is read-only here ({text}); commands that only read it "
+            "(search, show, export, tags, failures) still work"
+        )
+    if "disk is full" in text or "disk I/O" in text:
+        return StoreError(f"cannot write the database {path} ({text}); free some disk space")
     return StoreError(f"cannot use the database {path}: {text}")
 
 
@@ -362,263 +408,16 @@ class _Transaction:
         return self.conn
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-# ---- the writer ------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class FileSeen:
-    path: str
-    size: int
-    mtime_ns: int
-    content_id: str
-
-
-@dataclass(slots=True)
-class AnnotationRow:
-    content_id: str
-    backend: str
-    model: str
-    prompt_key: str
-    language: str
-    tags: list[tuple[str, float | None]]
-    description: str | None
-    raw: str
-    server_timings: dict[str, float]
-    run_id: int
-    path: str | None = None  # the file it was read from: its older failures are cleared
-    width: int | None = None  # of the original image, after orientation
-    height: int | None = None
-    size: int | None = None
-
-
-@dataclass(slots=True)
-class FailureRow:
-    path: str
-    content_id: str | None
-    backend: str
-    model: str
-    prompt_key: str
-    stage: str
-    reason: str
-    run_id: int
-
-
-@dataclass(slots=True)
-class Missing:
-    """Paths gone from disk: their files rows are marked not present, their failures go."""
-
-    paths: list[str]
-
-
-@dataclass(slots=True)
-class WriterStats:
-    rows: int = 0
-    commits: int = 0
-    seconds: float = 0.0  # time spent writing and committing
-    error: BaseException | None = None
-    per_row: list[float] = field(default_factory=list)
-
-
-_STOP = object()
-
-
-class Writer:
-    """The one thread that writes during a run. Others put rows; it commits in batches.
-
-    Rows are committed every COMMIT_ROWS rows or COMMIT_SECONDS, whichever comes first, and
-    on close(). put() never blocks on the disk, so inference never waits for SQLite.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self.stats = WriterStats()
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="vlmtag-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, row: FileSeen | AnnotationRow | FailureRow | Missing) -> None:
-        if self.stats.error is not None:
-            raise StoreError(f"writing to the database failed: {self.stats.error}")
-        self._queue.put(row)
-
-    def flush(self) -> None:
-        """Commit what is queued now and wait for it (used by tests and at the end)."""
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait()
-
-    def close(self) -> None:
-        self._queue.put(_STOP)
-        self._thread.join()
-        if self.stats.error is not None:
-            raise StoreError(f"writing to the database failed: {self.stats.error}")
-
-    def _run(self) -> None:
-        try:
-            conn = connect(self.path)
-            conn.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.Error as exc:
-            self.stats.error = exc
-            return
-        rules = vocab.RulesCache()  # vocabulary edits, reloaded when someone makes another
-        pending = 0
-        first_pending = 0.0
-        stop = False
-        while not stop:
-            timeout = (
-                None if not pending else max(0.0, first_pending + COMMIT_SECONDS - time.monotonic())
-            )
+        if exc_type is None:
             try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            t0 = time.perf_counter()
-            event = None
-            if item is _STOP:
-                stop = True
-            elif isinstance(item, threading.Event):
-                event = item
-            elif item is not None:
-                try:
-                    if not pending:
-                        conn.execute("BEGIN IMMEDIATE")
-                        first_pending = time.monotonic()
-                    _write(conn, item, rules)
-                    pending += 1
-                    self.stats.rows += 1
-                except sqlite3.Error as exc:
-                    self.stats.error = exc
-                    _rollback(conn)
-                    pending = 0
-            due = pending and (
-                stop
-                or event is not None
-                or pending >= COMMIT_ROWS
-                or time.monotonic() - first_pending >= COMMIT_SECONDS
-            )
-            if due:
-                try:
-                    conn.execute("COMMIT")
-                    self.stats.commits += 1
-                except sqlite3.Error as exc:
-                    self.stats.error = exc
-                    _rollback(conn)
-                pending = 0
-            self.stats.seconds += time.perf_counter() - t0
-            if event is not None:
-                event.set()
-        conn.close()
-
-
-def _rollback(conn: sqlite3.Connection) -> None:
-    with contextlib.suppress(sqlite3.Error):
-        conn.execute("ROLLBACK")
-
-
-def _write(conn: sqlite3.Connection, row: object, rules: vocab.RulesCache | None = None) -> None:
-    stamp = now()
-    if isinstance(row, FileSeen):
-        conn.execute(
-            """
-            INSERT INTO files (path, content_id, size, mtime_ns, present, first_seen, last_seen)
-            VALUES (?, ?, ?, ?, 1, ?, ?)
-            ON CONFLICT (path) DO UPDATE SET content_id = excluded.content_id,
-                size = excluded.size, mtime_ns = excluded.mtime_ns, present = 1,
-                last_seen = excluded.last_seen
-            """,
-            (db_text(row.path), row.content_id, row.size, row.mtime_ns, stamp, stamp),
-        )
-    elif isinstance(row, AnnotationRow):
-        _write_annotation(conn, row, stamp, rules)
-    elif isinstance(row, FailureRow):
-        conn.execute(
-            """
-            INSERT INTO failures (path, content_id, backend, model, prompt_key, stage, reason,
-                                  run_id, last_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-            ON CONFLICT (path, backend, model, prompt_key) DO UPDATE SET
-                content_id = excluded.content_id, stage = excluded.stage,
-                reason = excluded.reason, attempts = attempts + 1,
-                run_id = excluded.run_id, last_at = excluded.last_at
-            """,
-            (
-                db_text(row.path),
-                row.content_id,
-                row.backend,
-                row.model,
-                row.prompt_key,
-                row.stage,
-                row.reason,
-                row.run_id,
-                stamp,
-            ),
-        )
-    elif isinstance(row, Missing):
-        paths = [(db_text(p),) for p in row.paths]
-        conn.executemany("UPDATE files SET present = 0 WHERE path = ?", paths)
-        conn.executemany("DELETE FROM failures WHERE path = ?", paths)
-    else:  # pragma: no cover - a programming error, not a user one
-        raise TypeError(f"unknown row {row!r}")
-
-
-def _write_annotation(
-    conn: sqlite3.Connection, row: AnnotationRow, stamp: str, rules: vocab.RulesCache | None = None
-) -> None:
-    # Renames and drops people made in the vocabulary apply to later answers too.
-    tags = (rules or vocab.RulesCache()).current(conn).apply(row.tags)
-    conn.execute(
-        """
-        INSERT INTO images (content_id, size, width, height, first_seen) VALUES (?, ?, ?, ?, ?)
-        ON CONFLICT (content_id) DO UPDATE SET width = coalesce(excluded.width, width),
-            height = coalesce(excluded.height, height), size = coalesce(excluded.size, size)
-        """,
-        (row.content_id, row.size, row.width, row.height, stamp),
-    )
-    # --force redoes an annotation under the same key: replace its model tags but keep
-    # the tags a person added to it.
-    old = conn.execute(
-        "SELECT id FROM annotations WHERE content_id = ? AND backend = ? AND model = ? "
-        "AND prompt_key = ?",
-        (row.content_id, row.backend, row.model, row.prompt_key),
-    ).fetchone()
-    values = (
-        row.language,
-        row.description,
-        row.raw,
-        json.dumps(row.server_timings),
-        row.run_id,
-        stamp,
-    )
-    if old:
-        annotation_id = old[0]
-        conn.execute(
-            "UPDATE annotations SET language = ?, description = ?, raw = ?, server_timings = ?, "
-            "run_id = ?, created_at = ? WHERE id = ?",
-            (*values, annotation_id),
-        )
-        conn.execute(
-            "DELETE FROM tags WHERE annotation_id = ? AND source = 'model'", (annotation_id,)
-        )
-    else:
-        cur = conn.execute(
-            "INSERT INTO annotations (content_id, backend, model, prompt_key, language, "
-            "description, raw, server_timings, run_id, created_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-            (row.content_id, row.backend, row.model, row.prompt_key, *values),
-        )
-        annotation_id = cur.lastrowid
-    conn.executemany(
-        "INSERT OR IGNORE INTO tags (annotation_id, position, tag, confidence) VALUES (?,?,?,?)",
-        [(annotation_id, i, tag, conf) for i, (tag, conf) in enumerate(tags)],
-    )
-    search.index_annotation(conn, annotation_id)
-    conn.execute(
-        "DELETE FROM failures WHERE (content_id = ? OR path = ?) AND backend = ? AND model = ? "
-        "AND prompt_key = ?",
-        (row.content_id, db_text(row.path or ""), row.backend, row.model, row.prompt_key),
-    )
+                self.conn.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.execute("ROLLBACK")
+                raise
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute("ROLLBACK")
 
 
 def default_db_path() -> Path:

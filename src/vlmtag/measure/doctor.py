@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmtag.config import without_credentials
-from vlmtag.models.base import Backend, PreparedImage, Request
+from vlmtag.models.base import Backend
+from vlmtag.redact import without_credentials
+from vlmtag.types import PreparedImage, Request
 
 MAX_PROBE = 32  # most requests sent at once while measuring
 GAIN_TO_GO_ON = 1.3  # keep doubling while throughput grows at least this much
@@ -65,6 +66,25 @@ async def measure(backend: Backend, request: Request, image: PreparedImage, n: i
     t0 = time.perf_counter()
     await asyncio.gather(*(backend.infer(image, request) for _ in range(n)))
     return n / (time.perf_counter() - t0)
+
+
+async def examine_all(settings: Any, *, measure_parallel: bool = True) -> list[Report]:
+    """examine() each server the settings name, one after the other, closing each."""
+    from vlmtag.models.prompts import build_request
+    from vlmtag.run.job import make_backends
+
+    request = build_request(
+        tag_count=settings.tag_count,
+        description=settings.description is not False,
+        language=settings.language,
+    )
+    reports = []
+    for backend in make_backends(settings):
+        try:
+            reports.append(await examine(backend, request, measure_parallel=measure_parallel))
+        finally:
+            await backend.close()
+    return reports
 
 
 async def examine(backend: Backend, request: Request, *, measure_parallel: bool = True) -> Report:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from vlmtag.types import PreparedImage, Reply, Request
+from vlmtag.types import PreparedImage, Reply, Request  # noqa: F401 - re-exported
 
 
 @runtime_checkable

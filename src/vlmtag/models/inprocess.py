@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING
 
 from vlmtag.errors import InferenceError
-from vlmtag.models.base import PreparedImage, Reply, Request
+from vlmtag.types import PreparedImage, Reply, Request
 
 if TYPE_CHECKING:
     from PIL.Image import Image

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from vlmtag.errors import InferenceError, SetupError
-from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.base import BackendOptions
 from vlmtag.models.http import (
     BrokenAnswer,
     HTTPStatusError,
@@ -26,6 +26,7 @@ from vlmtag.models.http import (
     why,
 )
 from vlmtag.models.server import ServerBackend
+from vlmtag.types import PreparedImage, Reply, Request
 
 DEFAULT_API_BASE = "http://127.0.0.1:11434"
 START_TIMEOUT = 30.0  # /api/version and /api/show answer from metadata, never from the model
@@ -66,12 +67,12 @@ class OllamaBackend(ServerBackend):
             )
         except HTTPStatusError as exc:
             raise SetupError(
-                f"the server at {self.base_url} does not answer like Ollama (GET /api/version:"
+                f"the server at {self.shown_url} does not answer like Ollama (GET /api/version:"
                 f" HTTP {exc.status}); for vLLM, llama.cpp or LM Studio use --backend openai"
             ) from None
         except InferenceError as exc:
             raise SetupError(
-                f"cannot reach Ollama at {self.base_url}: {why(exc, self.label)}. Start it with "
+                f"cannot reach Ollama at {self.shown_url}: {why(exc, self.label)}. Start it with "
                 "`ollama serve` (or pass --api-base URL); `--backend builtin` works offline "
                 "without a server"
             ) from None
@@ -87,7 +88,7 @@ class OllamaBackend(ServerBackend):
         except HTTPStatusError as exc:
             if exc.status == 404:
                 raise SetupError(
-                    f"model '{self.model}' not found on the Ollama server at {self.base_url};"
+                    f"model '{self.model}' not found on the Ollama server at {self.shown_url};"
                     f" pull it with `ollama pull {self.model}`"
                 ) from None
             raise SetupError(f"{exc}; check the model name given with --model") from None
@@ -103,7 +104,7 @@ class OllamaBackend(ServerBackend):
                 return
             listed = ", ".join(map(str, capabilities)) or "none"
             raise SetupError(
-                f"model '{self.model}' on {self.base_url} cannot see images (capabilities:"
+                f"model '{self.model}' on {self.shown_url} cannot see images (capabilities:"
                 f" {listed}); pick a vision model, e.g. `ollama pull {SUGGESTED_MODEL}`"
                 f" and --model {SUGGESTED_MODEL}"
             )
@@ -113,7 +114,7 @@ class OllamaBackend(ServerBackend):
             return
         if show.get("model_info"):
             raise SetupError(
-                f"model '{self.model}' on {self.base_url} shows no vision encoder; pick a"
+                f"model '{self.model}' on {self.shown_url} shows no vision encoder; pick a"
                 f" vision model, e.g. `ollama pull {SUGGESTED_MODEL}`"
             )
         # Nothing to go on: let the first answers tell.
@@ -164,7 +165,7 @@ class OllamaBackend(ServerBackend):
         except HTTPStatusError as exc:
             if exc.status == 404:
                 raise InferenceError(
-                    f"model '{self.model}' not found on {self.base_url} ({exc.detail}); pull it"
+                    f"model '{self.model}' not found on {self.shown_url} ({exc.detail}); pull it"
                     f" with `ollama pull {self.model}`",
                     retryable=False,
                     status=404,

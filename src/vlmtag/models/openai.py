@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from vlmtag.errors import InferenceError, SetupError
-from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.base import BackendOptions
 from vlmtag.models.http import (
     BrokenAnswer,
     HTTPStatusError,
@@ -30,6 +30,7 @@ from vlmtag.models.http import (
     why,
 )
 from vlmtag.models.server import ServerBackend
+from vlmtag.types import PreparedImage, Reply, Request
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class OpenAIBackend(ServerBackend):
             raise SetupError(f"{exc}; is this an OpenAI-compatible server?") from None
         except InferenceError as exc:
             raise SetupError(
-                f"cannot reach the OpenAI-compatible server at {self.base_url}:"
+                f"cannot reach the OpenAI-compatible server at {self.shown_url}:"
                 f" {why(exc, self.label)}. Start it (e.g. `vllm serve MODEL`, `llama-server`,"
                 " LM Studio's server) or pass --api-base URL; `--backend builtin` works"
                 " offline without a server"
@@ -117,9 +118,9 @@ class OpenAIBackend(ServerBackend):
         if len(served) > LISTED_MODELS_SHOWN:
             shown += f", ... ({len(served)} in all)"
         if self.model:
-            problem = f"model '{self.model}' is not served at {self.base_url}"
+            problem = f"model '{self.model}' is not served at {self.shown_url}"
         else:
-            problem = f"no model given and {self.base_url} serves several"
+            problem = f"no model given and {self.shown_url} serves several"
         raise SetupError(f"{problem}; available: {shown}. Pass one with --model")
 
     async def _answers_to_any_name(self) -> bool:
@@ -150,10 +151,12 @@ class OpenAIBackend(ServerBackend):
         # Never the key itself, nor the server's text, which may echo it.
         if self.options.api_key:
             return (
-                f"the server at {self.base_url} refused the API key (HTTP {status});"
+                f"the server at {self.shown_url} refused the API key (HTTP {status});"
                 " set OPENAI_API_KEY to a valid key for this server"
             )
-        return f"the server at {self.base_url} needs an API key (HTTP {status}); set OPENAI_API_KEY"
+        return (
+            f"the server at {self.shown_url} needs an API key (HTTP {status}); set OPENAI_API_KEY"
+        )
 
     def chat_payload(
         self, image: PreparedImage, request: Request, shape: RequestShape
@@ -245,7 +248,7 @@ class OpenAIBackend(ServerBackend):
             return InferenceError(self._key_problem(exc.status), retryable=False, status=exc.status)
         if exc.status == 404:
             return InferenceError(
-                f"model '{self.model}' not found at {self.base_url} ({exc.detail});"
+                f"model '{self.model}' not found at {self.shown_url} ({exc.detail});"
                 " check --model against the server's /v1/models",
                 retryable=False,
                 status=404,

@@ -12,17 +12,20 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from vlmtag.errors import ParseError
+from vlmtag.text import (
+    TAG_STRIP,
+    fix_surrogates,
+    normalise_tags,
+    remove_controls,
+)
 
 # Hostile or runaway answers are cut here; a real answer is a few hundred bytes.
 MAX_INPUT_CHARS = 64 * 1024
-MAX_TAG_CHARS = 48  # a longer "tag" is a sentence; CJK counts characters too
 MAX_DESCRIPTION_CHARS = 2000
-# A raw tag longer than this cannot normalise into a tag; skipping it early bounds the work.
-MAX_RAW_TAG_CHARS = 512
 MAX_CANDIDATES = 16  # how many '{' (and then '[') positions the repair pass tries
 MAX_DEPTH = 20  # nesting the forgiving reader follows; real answers use 2 or 3
 SNIPPET_CHARS = 80
@@ -49,12 +52,6 @@ DESCRIPTION_KEYS = frozenset({
 ITEM_KEYS = ("name", "tag", "label", "text", "value", "keyword", "object")
 
 _SEPARATORS = re.compile(r"[,，、;；\n|]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_SPACE_CONTROLS = frozenset("\t\n\r\x0b\x0c\x1c\x1d\x1e\x1f\x85")
-_REMOVED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co"})  # controls, zero-width/format, ...
-# Stripped from both ends of a tag. '#' too (hashtags); brackets only when they wrap the tag.
-_TAG_STRIP = " #-*.\"'`“”‘’«»„‹›,;:!?。，、；：！？·•…~_=|/\\"
-_WRAPPERS = {"(": ")", "[": "]", "{": "}", "<": ">", "（": "）", "「": "」", "『": "』", "【": "】"}
 _QUOTE_PAIRS = {'"': '"', "'": "'", "“": "”", "‘": "’", "「": "」", "«": "»"}
 _SENTENCE_END = ".!?。！？"
 
@@ -105,35 +102,11 @@ def parse_answer(text: str, *, tag_count: int, description: bool) -> Answer:
     raise ParseError(f"no {what} found in the answer: {_snippet(text)}")
 
 
-def normalise_tags(raw: Iterable[object], *, limit: int) -> list[str]:
-    """Clean tags: str only, tidy, lower-case, no empty/numeric/overlong/duplicate, at most limit.
-
-    Idempotent: normalising the output again returns it unchanged.
-    """
-    tags: list[str] = []
-    seen: set[str] = set()
-    seen_raw: set[str] = set()  # a model stuck in a loop repeats the same string thousands of times
-    if limit <= 0:
-        return tags
-    for item in raw:
-        if not isinstance(item, str) or item in seen_raw:
-            continue
-        seen_raw.add(item)
-        tag = _normalise_tag(item)
-        if tag is None or tag in seen:
-            continue
-        seen.add(tag)
-        tags.append(tag)
-        if len(tags) >= limit:
-            break
-    return tags
-
-
 def clean_description(text: object) -> str | None:
     """A description as one tidy line of at most MAX_DESCRIPTION_CHARS; None if nothing is left."""
     if not isinstance(text, str):
         return None
-    s = _remove_controls(_fix_surrogates(text[:MAX_INPUT_CHARS]))
+    s = remove_controls(fix_surrogates(text[:MAX_INPUT_CHARS]))
     # NFC, not NFKC: a Chinese sentence keeps its full-width punctuation.
     s = " ".join(unicodedata.normalize("NFC", s).split())
     s = _unquote(s)
@@ -165,51 +138,9 @@ def _after_thinking(text: str) -> str | None:
     return text
 
 
-def _fix_surrogates(s: str) -> str:
-    # json.loads and \u escapes can leave surrogates, which SQLite cannot store as UTF-8: join
-    # the pairs, replace the lone ones (removed later as U+FFFD).
-    if not _SURROGATE.search(s):
-        return s
-    return s.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-
-
-def _remove_controls(s: str) -> str:
-    if s.isprintable() and "\ufffd" not in s:
-        return s
-    out = []
-    for ch in s:
-        if ch in _SPACE_CONTROLS or ch in "\u2028\u2029":
-            out.append(" ")
-        elif ch != "\ufffd" and unicodedata.category(ch) not in _REMOVED_CATEGORIES:
-            out.append(ch)
-    return "".join(out)
-
-
 def _unquote(s: str) -> str:
     while len(s) >= 2 and _QUOTE_PAIRS.get(s[0]) == s[-1]:
         s = s[1:-1].strip()
-    return s
-
-
-def _normalise_tag(item: object) -> str | None:
-    if not isinstance(item, str):
-        return None
-    s = " ".join(_remove_controls(_fix_surrogates(item[: MAX_RAW_TAG_CHARS * 4])).split())
-    if len(s) > MAX_RAW_TAG_CHARS:
-        return None
-    # NFKC folds full-width ASCII to half-width and leaves CJK ideographs alone; lower() may
-    # produce a decomposed letter (İ -> i + dot), hence NFKC again after it.
-    s = unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", s).lower())
-    s = " ".join(s.split())
-    while True:
-        before = s
-        s = s.strip(_TAG_STRIP)
-        if len(s) >= 2 and _WRAPPERS.get(s[0]) == s[-1]:
-            s = s[1:-1]
-        if s == before:
-            break
-    if not s or len(s) > MAX_TAG_CHARS or not any(ch.isalpha() for ch in s):
-        return None
     return s
 
 
@@ -627,7 +558,7 @@ def _looks_like_list(items: list[str]) -> bool:
         words = item.lower().split()
         if len(words) > _MAX_LIST_WORDS or len(item) > _MAX_LIST_CHARS:
             return False
-        if any(w.strip(_TAG_STRIP) in _PROSE_WORDS for w in words):
+        if any(w.strip(TAG_STRIP) in _PROSE_WORDS for w in words):
             return False
         if len(words) == 1 and _has_cjk(item) and len(item) > _MAX_LIST_CJK_CHARS:
             return False

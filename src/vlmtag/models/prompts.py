@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 from vlmtag.errors import UsageError
-from vlmtag.models.base import Request
+from vlmtag.types import Request
 
 # code -> English name. The name goes into the English instruction; NATIVE_LINES repeats it in
 # the language itself because small models follow an instruction in the target language better.

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import httpx
 
-from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.base import BackendOptions
 from vlmtag.models.http import RetryPolicy, infer_each, make_client
+from vlmtag.redact import without_credentials
+from vlmtag.types import PreparedImage, Reply, Request
 
 
 class ServerBackend:
@@ -34,7 +36,9 @@ class ServerBackend:
         self.options = options
         self.model = options.model
         self.base_url = self.normalise_base(options.api_base[0] if options.api_base else "")
-        self.label = f"{self.server_kind} at {self.base_url}"
+        # What messages show: never a user:password@ the URL may carry for the server.
+        self.shown_url = without_credentials(self.base_url)
+        self.label = f"{self.server_kind} at {self.shown_url}"
         self.policy = RetryPolicy(retries=max(options.retries, 0))
         if backoff is not None:
             self.policy = RetryPolicy(retries=self.policy.retries, backoff=backoff)

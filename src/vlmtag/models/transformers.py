@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from vlmtag.errors import InferenceError, SetupError
-from vlmtag.models.base import BackendOptions, PreparedImage, Reply, Request
+from vlmtag.models.base import BackendOptions
 from vlmtag.models.inprocess import InProcessBackend, cores, one_line, pixels_of
+from vlmtag.types import PreparedImage, Reply, Request
 
 CPU_BATCH_SIZE = 4
 CUDA_BATCH_SIZE = 8

@@ -19,11 +19,13 @@ import tempfile
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from vlmtag.errors import SetupError
+from vlmtag.library.current import ImageView
 from vlmtag.output import xmp
-from vlmtag.output.files import Outcome, xmp_metadata
+from vlmtag.output.files import Outcome
+from vlmtag.output.sidecars import metadata
 
 INSTALL_HINT = (
     "install exiftool: apt install libimage-exiftool-perl (Debian, Ubuntu), "
@@ -179,12 +181,28 @@ def _pump(pipe: Any, lines: queue.SimpleQueue[str | None]) -> None:
 
 
 def _arg_line(arg: str) -> str:
-    """One argument as a line of exiftool's -@ file: as a C string, so spaces at either end,
-    backslashes and line breaks survive, and a leading '#' is not a comment."""
+    """One argument as a line of exiftool's -@ file.
+
+    A plain line keeps every character but leading white space and line breaks. Only what a
+    plain line cannot carry goes as a #[CSTR] line (a C string), which exiftool 12 reads with
+    every $ and @ turned into \\$ and \\@: so those two never go that way.
+    """
+    if _plain(arg):
+        return arg + "\n"
+    if "$" in arg or "@" in arg:
+        raise ExifToolError(f"exiftool cannot be given {arg!r} (a line break with $ or @)")
     escaped = (
         arg.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
     )
     return f"#[CSTR]{escaped}\n"
+
+
+def _plain(arg: str) -> bool:
+    if not arg or "\n" in arg or "\r" in arg or arg[0].isspace() or arg.startswith("#"):
+        return False
+    # exiftool drops one space after the = of -TAG=VALUE on a plain line.
+    name, eq, value = arg.partition("=")
+    return not (arg.startswith("-") and eq and value[:1].isspace())
 
 
 # ---- the merge ---------------------------------------------------------------------------
@@ -278,57 +296,96 @@ def _iptc_keyword(keyword: str) -> str:
 # ---- the run -----------------------------------------------------------------------------
 
 
+class IdentityKeeper(Protocol):
+    """The store's side of --embed (api.py gives one): a metadata edit is not a new picture."""
+
+    def unchanged(self, view: ImageView, st: os.stat_result) -> bool:
+        """Whether the store knows the file as it is now (same content, size and mtime)."""
+
+    def record(self, view: ImageView, st: os.stat_result) -> None:
+        """The file's new size and mtime hold the same content."""
+
+
 def embed(
-    rows: Iterable[dict[str, Any]],
+    views: Iterable[ImageView],
     exiftool: ExifTool,
     *,
-    store: Any = None,
+    keeper: IdentityKeeper | None = None,
+    min_confidence: float | None = None,
     overwrite_original: bool = False,
     dry_run: bool = False,
 ) -> Iterator[Outcome]:
-    """Write each row's keywords and description into its image; yield what happened to each.
+    """Write each image's keywords and description into it; yield what happened to each.
 
-    With a store, an image the store knows as it is now (same size and modification time)
-    keeps its identity: after writing, the store records the file's new size under its old
-    content id, because a metadata edit is not a new picture, so the next `vlmtag tag` does not
-    send it to the model again. An image changed since it was tagged gets the stored tags all
-    the same (as a sidecar would) and is identified afresh by the next scan.
+    With a keeper, an image the store knows as it is now keeps its identity: after writing,
+    the store records the file's new size under its old content id, so the next `vlmtag tag`
+    does not send it to the model again. An image changed since it was tagged gets the
+    stored keywords all the same (as a sidecar would) and is identified afresh by the next scan.
     """
-    keeper = _IdentityKeeper(store) if store is not None and not dry_run else None
-    try:
-        chunk: list[dict[str, Any]] = []
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) >= READ_CHUNK:
-                yield from _embed_chunk(chunk, exiftool, keeper, overwrite_original, dry_run)
-                chunk = []
-        if chunk:
-            yield from _embed_chunk(chunk, exiftool, keeper, overwrite_original, dry_run)
-    finally:
-        if keeper is not None:
-            keeper.close()
+    chunk: list[ImageView] = []
+    job = _Job(exiftool, None if dry_run else keeper, min_confidence, overwrite_original, dry_run)
+    for view in views:
+        chunk.append(view)
+        if len(chunk) >= READ_CHUNK:
+            yield from job.chunk(chunk)
+            chunk = []
+    if chunk:
+        yield from job.chunk(chunk)
 
 
-def _embed_chunk(chunk, exiftool: ExifTool, keeper, overwrite: bool, dry_run: bool):
-    ready: list[tuple[dict[str, Any], bool]] = []  # (row, whether the store knows it as it is)
-    for row in chunk:
+@dataclass
+class _Job:
+    exiftool: ExifTool
+    keeper: IdentityKeeper | None
+    min_confidence: float | None
+    overwrite: bool
+    dry_run: bool
+
+    def chunk(self, chunk: list[ImageView]) -> Iterator[Outcome]:
+        ready: list[tuple[ImageView, bool]] = []  # (view, whether the store knows it as it is)
+        for view in chunk:
+            try:
+                st = os.stat(view.path)
+            except OSError as exc:
+                yield Outcome(view.path, view.path, "failed", exc.strerror or str(exc))
+                continue
+            ready.append((view, self.keeper is not None and self.keeper.unchanged(view, st)))
+        if not ready:
+            return
         try:
-            st = os.stat(row["path"])
-        except OSError as exc:
-            yield Outcome(row["path"], row["path"], "failed", exc.strerror or str(exc))
-            continue
-        ready.append((row, keeper is not None and keeper.unchanged(row, st)))
-    if not ready:
-        return
-    try:
-        current = _read(exiftool, [row["path"] for row, _ in ready])
-    except ExifToolError as exc:
-        for row, _ in ready:
-            yield Outcome(row["path"], row["path"], "failed", f"reading its metadata: {exc}")
-        exiftool.restart()
-        return
-    for row, known in ready:
-        yield _embed_one(row, current, exiftool, keeper if known else None, overwrite, dry_run)
+            current = _read(self.exiftool, [view.path for view, _ in ready])
+        except ExifToolError as exc:
+            for view, _ in ready:
+                yield Outcome(view.path, view.path, "failed", f"reading its metadata: {exc}")
+            self.exiftool.restart()
+            return
+        for view, known in ready:
+            yield self.one(view, current, known)
+
+    def one(self, view: ImageView, current: dict[str, dict[str, Any]], known: bool) -> Outcome:
+        image = view.path
+        found = current.get(image)
+        if found is None or "ExifTool:Error" in found:
+            reason = (found or {}).get("ExifTool:Error", "exiftool could not read it")
+            return Outcome(image, image, "failed", str(reason))
+        change = plan_change(image, found, metadata(view, self.min_confidence))
+        if not change.tags:
+            return Outcome(image, image, "unchanged")
+        if self.dry_run:
+            return Outcome(image, image, "updated")
+        options = ["-P", "-overwrite_original"] if self.overwrite else ["-P"]
+        try:
+            out, err = self.exiftool.execute([*options, *change.args(), image])
+        except ExifToolError as exc:
+            self.exiftool.restart()
+            return Outcome(image, image, "failed", str(exc))
+        if "1 image files updated" not in out:
+            errors = [line for line in err.splitlines() if line.startswith("Error")]
+            return Outcome(image, image, "failed", (errors or [out.strip() or "not written"])[0])
+        if known and self.keeper is not None:
+            with contextlib.suppress(OSError):  # gone already: the next scan finds out
+                self.keeper.record(view, os.stat(image))
+        return Outcome(image, image, "updated")
 
 
 def _read(exiftool: ExifTool, paths: list[str]) -> dict[str, dict[str, Any]]:
@@ -338,60 +395,3 @@ def _read(exiftool: ExifTool, paths: list[str]) -> dict[str, dict[str, Any]]:
     # Keep numbers as written: a keyword "1.50" must not come back as 1.5.
     entries = json.loads(out, parse_int=str, parse_float=str)
     return {e["SourceFile"]: e for e in entries}
-
-
-def _embed_one(row, current, exiftool: ExifTool, keeper, overwrite: bool, dry_run: bool):
-    image = row["path"]
-    found = current.get(image)
-    if found is None or "ExifTool:Error" in found:
-        reason = (found or {}).get("ExifTool:Error", "exiftool could not read it")
-        return Outcome(image, image, "failed", str(reason))
-    change = plan_change(image, found, xmp_metadata(row))
-    if not change.tags:
-        return Outcome(image, image, "unchanged")
-    if dry_run:
-        return Outcome(image, image, "updated")
-    options = ["-P", "-overwrite_original"] if overwrite else ["-P"]
-    try:
-        out, err = exiftool.execute([*options, *change.args(), image])
-    except ExifToolError as exc:
-        exiftool.restart()
-        return Outcome(image, image, "failed", str(exc))
-    if "1 image files updated" not in out:
-        errors = [line for line in err.splitlines() if line.startswith("Error")]
-        return Outcome(image, image, "failed", (errors or [out.strip() or "not written"])[0])
-    if keeper is not None:
-        keeper.record(row, image)
-    return Outcome(image, image, "updated")
-
-
-class _IdentityKeeper:
-    """Tells the store that a file whose metadata vlmtag rewrote is still the same image."""
-
-    def __init__(self, store: Any):
-        self.store = store
-        self.writer = None
-
-    def unchanged(self, row: dict[str, Any], st: os.stat_result) -> bool:
-        known = self.store.file_row(row["path"])
-        return (
-            known is not None
-            and known["content_id"] == row["content_id"]
-            and known["size"] == st.st_size
-            and known["mtime_ns"] == st.st_mtime_ns
-        )
-
-    def record(self, row: dict[str, Any], path: str) -> None:
-        from vlmtag.library.db import FileSeen
-
-        try:
-            st = os.stat(path)
-        except OSError:
-            return  # gone already: the next scan finds out
-        if self.writer is None:
-            self.writer = self.store.writer()
-        self.writer.put(FileSeen(path, st.st_size, st.st_mtime_ns, row["content_id"]))
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()

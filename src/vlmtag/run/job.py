@@ -1,4 +1,4 @@
-"""Set up and run one tagging job from Settings: the library entry the CLI calls.
+"""Set up and run one tagging job from Settings: what Library.tag and the CLI call.
 
 Wires the store, the backend(s), the request and the pipeline together in one place
 (rclip's `init`), so each piece can be built and tested on its own.
@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from dataclasses import replace
 
 from vlmtag.config import DEFAULT_MODEL, Settings, resolve_api_base
-from vlmtag.errors import UsageError
+from vlmtag.errors import Interrupted, SetupError, UsageError
 from vlmtag.library.db import Store, default_db_path
 from vlmtag.models.base import Backend, BackendOptions, get_backend
 from vlmtag.models.prompts import build_request, prompt_key
-from vlmtag.run.pipeline import AUTO, Progress, RunOptions, RunResult, TagRun
+from vlmtag.redact import Redactor
+from vlmtag.run.control import Control, handle_signals
+from vlmtag.run.ledger import Progress
+from vlmtag.run.pipeline import AUTO, Pipeline, RunOptions, RunResult
 
 # Backends whose answers are not a VLM's: no description unless asked for.
 NO_DESCRIPTION_BY_DEFAULT = {"builtin"}
@@ -44,6 +46,15 @@ def make_backends(settings: Settings) -> list[Backend]:
     return [get_backend(settings.backend, replace(base, api_base=[url])) for url in urls]
 
 
+def redactor_for(settings: Settings) -> Redactor:
+    """What must never be shown or stored for these settings: the key, URL passwords."""
+    redact = Redactor.from_environment([settings.api_key])
+    for url in settings.api_base:
+        for part in url.split(","):
+            redact.add_url(part.strip())
+    return redact
+
+
 def check_paths(paths: list[str]) -> None:
     if not paths:
         raise UsageError("no folder given; usage: vlmtag tag DIR [DIR...] (see vlmtag tag --help)")
@@ -52,7 +63,9 @@ def check_paths(paths: list[str]) -> None:
             raise UsageError(f"{path} does not exist; pass a folder or image file to tag")
 
 
-async def run_tag(settings: Settings, progress: Progress | None = None) -> RunResult:
+async def run_tag(
+    settings: Settings, progress: Progress | None = None, control: Control | None = None
+) -> RunResult:
     """Tag every image under settings.paths; return the counts and timings of the run."""
     check_paths(settings.paths)
     description = settings.description
@@ -63,56 +76,52 @@ async def run_tag(settings: Settings, progress: Progress | None = None) -> RunRe
     )
     backends = make_backends(settings)
     store = Store.open(settings.db or default_db_path())
+    control = control or Control()
     try:
-        await asyncio.gather(*(b.start() for b in backends))
-        lead = backends[0]
-        resize = lead.input_box or settings.resize
-        workers = settings.workers
-        if workers is None:
-            # Servers: find their parallelism as the run goes. In-process: their own default.
-            workers = lead.default_workers if lead.wants_pixels else AUTO
-        options = RunOptions(
-            request=request,
-            prompt_key=prompt_key(request, resize),
-            resize=settings.resize,
-            max_pixels=settings.max_pixels,
-            workers=workers,
-            force=settings.force,
-            retry_failed=settings.retry_failed,
-            server_wait=settings.server_wait,
-            params={**settings.public(), "workers": workers or "auto", "description": description},
-        )
-        run = TagRun(store, backends, options, progress)
-        with _ctrl_c(run):
-            return await run.run(settings.paths)
+        with handle_signals(control):
+            await _start(backends, control)
+            if control.stopping:
+                raise Interrupted("interrupted while the servers were checked; nothing was done")
+            options = _options(settings, backends[0], request, description)
+            return await Pipeline(store, backends, options, progress, control).run(settings.paths)
     finally:
         await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)
         store.close()
 
 
-class _ctrl_c:
-    """First Ctrl-C: stop scheduling and let requests in flight finish. Second: stop now."""
+async def _start(backends: list[Backend], control: Control) -> None:
+    """Check every server (at once); a signal while they answer stops the wait."""
+    starting = asyncio.ensure_future(asyncio.gather(*(b.start() for b in backends)))
+    stopped = asyncio.ensure_future(control.wait())
+    await asyncio.wait([starting, stopped], return_when="FIRST_COMPLETED")
+    stopped.cancel()
+    if not starting.done():
+        starting.cancel()
+        return
+    starting.result()
+    models = {b.model for b in backends}
+    if len(models) > 1:
+        raise SetupError(
+            f"the servers serve different models ({', '.join(sorted(models))}); "
+            "pass --model to name the one to use"
+        )
 
-    def __init__(self, run: TagRun):
-        self.run = run
-        self.presses = 0
 
-    def __enter__(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        try:
-            self.loop.add_signal_handler(signal.SIGINT, self._pressed)
-            self.loop.add_signal_handler(signal.SIGTERM, self._pressed)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-            self.loop = None
-
-    def _pressed(self) -> None:
-        self.presses += 1
-        if self.presses == 1:
-            self.run.request_stop()
-        else:
-            self.run.hurry()
-
-    def __exit__(self, *exc) -> None:
-        if self.loop is not None:
-            self.loop.remove_signal_handler(signal.SIGINT)
-            self.loop.remove_signal_handler(signal.SIGTERM)
+def _options(settings: Settings, lead: Backend, request, description: bool) -> RunOptions:
+    resize = lead.input_box or settings.resize
+    workers = settings.workers
+    if workers is None:
+        # Servers: find their parallelism as the run goes. In-process: their own default.
+        workers = lead.default_workers if lead.wants_pixels else AUTO
+    return RunOptions(
+        request=request,
+        prompt_key=prompt_key(request, resize),
+        resize=settings.resize,
+        max_pixels=settings.max_pixels,
+        workers=workers,
+        force=settings.force,
+        retry_failed=settings.retry_failed,
+        server_wait=settings.server_wait,
+        params={**settings.public(), "workers": workers or "auto", "description": description},
+        redact=redactor_for(settings),
+    )

@@ -10,8 +10,10 @@ fewer workers when the GPU runs out of memory).
 
 from __future__ import annotations
 
-import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from vlmtag.run.waiting import Changes
 
 AUTO_START = 2  # probes down find 1 for a server that runs one request at a time
 AUTO_MAX = 64  # vLLM's continuous batching gains little past this for one client
@@ -50,7 +52,8 @@ class Limiter:
         self.active = 0  # requests at the server now
         self.generation = 0  # bumped at every change of limit
         self.history: list[int] = [limit]  # every limit chosen, for reports and tests
-        self._changed = asyncio.Condition()
+        self._changed = Changes()
+        self.on_change: Callable[[], None] | None = None  # told whenever the limit moves
         self._window = Window(limit)
         self._previous: Window | None = None
         self._base_latency: float | None = None
@@ -67,16 +70,15 @@ class Limiter:
 
     async def acquire(self) -> None:
         """Wait for a free place; the caller then takes an image and sends it."""
-        async with self._changed:
-            await self._changed.wait_for(lambda: self.in_flight < self.limit)
-            self.in_flight += 1
+        await self._changed.until(lambda: self.in_flight < self.limit)
+        self.in_flight += 1
 
     def sent(self) -> tuple[int, int]:
         """A request goes to the server now; returns what release() needs to judge it."""
         self.active += 1
         return self.generation, self.active
 
-    async def release(
+    def release(
         self,
         latency: float | None,
         *,
@@ -86,21 +88,24 @@ class Limiter:
         """A place is free again. `latency` of the request sent from it (None: none was sent,
         or it failed), `sent` as sent() returned it; `overloaded`: the server said 503 or
         ran out of memory."""
-        async with self._changed:
-            self.in_flight -= 1
-            # Requests at the server as this one ends: once the window has filled, that is
-            # what the server was working on (the count at send is low while it fills).
-            active = self.active
-            if sent is not None:
-                self.active -= 1
-            if self.adaptive:
-                if overloaded:
+        self.in_flight -= 1
+        # Requests at the server as this one ends: once the window has filled, that is what
+        # the server was working on (the count at send is low while it fills).
+        active = self.active
+        if sent is not None:
+            self.active -= 1
+        current = sent is not None and sent[0] == self.generation
+        if self.adaptive:
+            if overloaded:
+                # A burst of 503s answers many requests sent under one limit: halve once for
+                # them all, not once per reply (32 in flight would fall to 1).
+                if current:
                     self._growing = False
                     self._set(max(1, self.limit // 2))
-                elif latency is not None and sent is not None and sent[0] == self.generation:
-                    # Requests sent under an older limit would judge this one wrongly.
-                    self.observe(latency, active)
-            self._changed.notify_all()
+            elif latency is not None and current:
+                # Requests sent under an older limit would judge this one wrongly.
+                self.observe(latency, active)
+        self._changed.notify()
 
     def observe(self, latency: float, in_flight: int) -> None:
         """Feed one completed request; adjust the limit at the end of each window."""
@@ -176,3 +181,6 @@ class Limiter:
         self.limit = limit
         self._calm = 0
         self._window = Window(limit)
+        self._changed.notify()
+        if self.on_change is not None:
+            self.on_change()

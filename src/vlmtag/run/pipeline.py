@@ -1,67 +1,51 @@
-"""The stages of a tagging run wired together: scan -> identify -> prepare -> infer -> store.
+"""A tagging run wired together: scan -> triage -> prepare -> lanes -> ledger -> writer.
 
-Identify and prepare run in a thread pool (Pillow and hashlib release the GIL) and feed a
-bounded queue; inference runs as asyncio tasks, at most `workers` requests in flight per
-server; one writer thread stores the results. The bounds are the back-pressure that keeps
-memory flat however large the library is.
+Reading, hashing and decoding run in a thread pool (Pillow and hashlib release the GIL) and
+feed the dispatcher's bounded queue; each server's lane keeps its own number of requests in
+flight; the ledger records every outcome and the writer stores it. This module only wires
+those parts together and decides when the run is over: when nothing is outstanding, when
+it is stopped (a signal), or when no server or no database is left to finish it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from vlmtag.config import without_credentials
-from vlmtag.errors import ImageError, InferenceError, ParseError, ServerGoneError
-from vlmtag.ingest import imaging, scan
-from vlmtag.library.db import AnnotationRow, FailureRow, FileSeen, KnownFile, Missing, Store
-from vlmtag.models.base import Backend, PreparedImage, Reply, Request
-from vlmtag.models.parse import MAX_INPUT_CHARS, parse_answer
+from vlmtag.errors import ImageError
+from vlmtag.ingest import identity, imaging, scan
+from vlmtag.ingest.files import content_id as hash_content
+from vlmtag.library.db import Store
+from vlmtag.library.rows import FileSeen, Missing, Row
+from vlmtag.library.writer import Writer
+from vlmtag.models.base import Backend
+from vlmtag.redact import Redactor
+from vlmtag.run.answers import AGAIN, STORE, Answers
+from vlmtag.run.control import Control
+from vlmtag.run.dispatcher import Dispatcher, Work
+from vlmtag.run.lanes import Lane
+from vlmtag.run.ledger import Counts, Ledger, NoProgress, Progress, RunIdentity
 from vlmtag.run.limiter import AUTO_MAX, Limiter
 from vlmtag.run.timings import StageTimes
+from vlmtag.text import one_line
+from vlmtag.types import PreparedImage, Reply, Request
 
 AUTO = 0  # --workers auto: find the server's parallelism as the run goes
 MAX_LOST = 3  # an image whose server drops the connection this often is a failure
-REASK_MISSES = 5  # re-asks in a row that did not help: stop asking again in this run
-PROBE_FIRST_DELAY = 1.0  # first wait before asking an away server again (doubles)
-PROBE_MAX_DELAY = 15.0
 GRACE_SECONDS = 10.0  # after Ctrl-C, how long in-flight requests may finish before cancel
 LOOKAHEAD_PER_THREAD = 2  # images being read/decoded ahead, per preprocessing thread
 READY_PER_WORKER = 2  # prepared images waiting, per request slot
 
 
-class Progress(Protocol):
-    """What the pipeline tells its caller as it goes; the CLI draws a bar from it."""
-
-    def start(self, total: int) -> None: ...
-
-    def advance(self, outcome: str, n: int = 1) -> None: ...  # "tagged"|"skipped"|"failed"
-
-    def close(self) -> None: ...
-
-
-class _NoProgress:
-    def start(self, total: int) -> None:
-        pass
-
-    def advance(self, outcome: str, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 @dataclass
 class RunOptions:
-    """What the pipeline needs beyond the backend: the request and how to treat files."""
+    """What the pipeline needs beyond the backends: the request and how to treat files."""
 
     request: Request
     prompt_key: str
@@ -73,6 +57,7 @@ class RunOptions:
     retry_failed: bool = False
     params: dict[str, Any] = field(default_factory=dict)
     threads: int = field(default_factory=lambda: os.cpu_count() or 2)
+    redact: Redactor = field(default_factory=Redactor)
 
 
 @dataclass
@@ -81,34 +66,43 @@ class RunResult:
     backend: str
     model: str
     prompt_key: str
-    found: int = 0
-    tagged: int = 0
-    skipped: int = 0
-    failed: int = 0
-    duplicates: int = 0
-    missing: int = 0
-    interrupted: bool = False
+    counts: Counts = field(default_factory=Counts)
+    status: str = "running"  # then done | interrupted | stopped | failed
     stopped_reason: str | None = None
     wall_seconds: float = 0.0
     times: StageTimes = field(default_factory=StageTimes)
     failures: list[dict[str, str]] = field(default_factory=list)
     servers: list[dict[str, Any]] = field(default_factory=list)
+    not_stored: int = 0  # results the database could not take (each counted as failed)
+    balanced: bool = True
+
+    found = property(lambda self: self.counts.found)
+    tagged = property(lambda self: self.counts.tagged)
+    skipped = property(lambda self: self.counts.skipped)
+    duplicates = property(lambda self: self.counts.duplicates)
+    failed = property(lambda self: self.counts.failed)
+    left = property(lambda self: self.counts.left)
+    missing = property(lambda self: self.counts.missing)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.status == "interrupted"
 
     def summary(self) -> dict[str, Any]:
-        done = self.tagged + self.failed
+        c = self.counts
+        done = c.tagged + c.failed
         return {
             "run_id": self.run_id,
             "backend": self.backend,
             "model": self.model,
             "prompt_key": self.prompt_key,
-            "found": self.found,
-            "tagged": self.tagged,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "duplicates": self.duplicates,
-            "missing": self.missing,
+            **{k: getattr(c, k) for k in ("found", "tagged", "skipped", "duplicates")},
+            **{k: getattr(c, k) for k in ("failed", "left", "missing")},
+            "status": self.status,
             "interrupted": self.interrupted,
             "stopped_reason": self.stopped_reason,
+            "balanced": self.balanced,
+            "not_stored": self.not_stored,
             "wall_seconds": round(self.wall_seconds, 3),
             "images_per_second": round(done / self.wall_seconds, 3) if self.wall_seconds else 0,
             "stages": self.times.summary(),
@@ -118,44 +112,33 @@ class RunResult:
 
 
 @dataclass(slots=True)
-class _Item:
-    """One image on its way through the pipeline."""
-
-    path: str
-    content_id: str
-    image: PreparedImage
-    started: float
-    lost: int = 0  # times its server went away while it was in flight
-    asked: bool = False  # sent once more after an unusable answer
+class _Prepared:
+    seen: FileSeen | None
+    content_id: str | None
+    status: str  # new | done | copy | failed
+    image: PreparedImage | None = None
+    error: ImageError | None = None
 
 
-class _Health:
-    """Whether a server answers; consumers of an away server wait on `up`."""
+class _Claims:
+    """Which contents this run sends: the first file of each, once (pool threads share it)."""
 
-    def __init__(self) -> None:
-        self.up = asyncio.Event()
-        self.up.set()
-        self.retired = False
+    def __init__(self, done: set[str]):
+        self._done = done
+        self._claimed: set[str] = set()
+        self._lock = threading.Lock()
 
-    async def wait_back(self) -> bool:
-        await self.up.wait()
-        return not self.retired
-
-
-def _first_try(reply: object) -> bool:
-    """An answer that came at the first attempt (its latency measures the server)."""
-    return isinstance(reply, Reply) and reply.timings.get("attempts", 1.0) <= 1.0
-
-
-def _overloaded(reply: object) -> bool:
-    """A 503 or an out-of-memory answer: the server has more than it can take."""
-    if not isinstance(reply, InferenceError):
-        return False
-    text = str(reply).lower()
-    return reply.status == 503 or "out of memory" in text or "oom" in text.split()
+    def claim(self, content_id: str) -> str:
+        with self._lock:
+            if content_id in self._done:
+                return "done"
+            if content_id in self._claimed:
+                return "copy"
+            self._claimed.add(content_id)
+            return "new"
 
 
-class TagRun:
+class Pipeline:
     """One tagging run over some paths. Objects are passed in; run() does the work."""
 
     def __init__(
@@ -164,503 +147,392 @@ class TagRun:
         backends: list[Backend],
         options: RunOptions,
         progress: Progress | None = None,
+        control: Control | None = None,
     ):
         self.store = store
-        self.backends = backends
-        self.backend = backends[0]
+        self.lead = backends[0]
         self.options = options
-        self.progress = progress or _NoProgress()
-        self.stop_requested = asyncio.Event()
-        self._claimed: set[str] = set()
-        self._claim_lock = threading.Lock()
-        self._server_gone: str | None = None
-        self._hurry = False
-        self._requeued: deque[_Item] = deque()
-        self._copies: dict[str, list[str]] = {}  # content id -> other paths waiting on it
-        self._content_failures: dict[str, tuple[str, str]] = {}  # content id -> stage, reason
-        self._reask_misses = 0  # answers asked again in a row that were no better
-        self._limiters = [
-            Limiter.auto() if self._slots(b) == AUTO_MAX else Limiter(self._slots(b))
+        self.progress = progress or NoProgress()
+        self.control = control or Control()
+        self.lanes = [
+            Lane(b, _limiter(b, options.workers), options.request, server_wait=options.server_wait)
             for b in backends
         ]
-        self._health = [_Health() for _ in backends]
+        self.times = StageTimes()
+        self.answers = Answers(options.request)
+        self.abandoned: tuple[str, str, str] | None = None  # (status, stage, reason)
+        self.dispatcher = Dispatcher(lambda: READY_PER_WORKER * self._in_flight_limit())
+        for lane in self.lanes:
+            lane.limiter.on_change = self.dispatcher.wake
 
-    # ---- entry -------------------------------------------------------------------------
+    # ---- the run -----------------------------------------------------------------------
 
     async def run(self, roots: list[str]) -> RunResult:
         started = time.perf_counter()
-        backend, opts = self.backend, self.options
-        run_id = self.store.start_run(backend.name, backend.model, opts.prompt_key, opts.params)
-        result = RunResult(run_id, backend.name, backend.model, opts.prompt_key)
-        self.result = result
-        writer = self.store.writer()
+        self.control.bind()
+        b, o = self.lead, self.options
+        run_id = self.store.start_run(b.name, b.model, o.prompt_key, o.redact.deep(o.params))
+        result = RunResult(run_id, b.name, b.model, o.prompt_key, times=self.times)
+        loop = asyncio.get_running_loop()
+        self.writer = Writer(
+            self.store.path,
+            on_failed=lambda row, why: loop.call_soon_threadsafe(self._not_stored, row, why),
+            redact=o.redact,
+        )
+        identity_ = RunIdentity(run_id, b.name, b.model, o.prompt_key, o.request.language)
+        self.ledger = Ledger(identity_, self.writer, self.dispatcher.settle, self.progress)
+        error: BaseException | None = None
         try:
-            files = await self._scan(roots, result, writer)
-            await self._process(files, result, writer)
+            await self._scan_and_process(roots)
+        except Exception as exc:  # noqa: BLE001 - a bug: the run row still gets its status
+            error = exc
         finally:
-            writer.close()
-            result.servers = [
-                {
-                    "server": without_credentials(getattr(b, "base_url", b.name)),
-                    "workers": limiter.limit,
-                    "workers_tried": limiter.history,
-                    "away": health.retired,
-                }
-                for b, limiter, health in zip(
-                    self.backends, self._limiters, self._health, strict=True
-                )
-            ]
-            result.times.add_total("db", writer.stats.seconds)
-            result.wall_seconds = time.perf_counter() - started
-            if self._server_gone:
-                result.stopped_reason = self._server_gone
-            status = "interrupted" if (result.interrupted or self._server_gone) else "done"
-            self.store.finish_run(run_id, status, _counts(result), result.times.summary())
-            self.progress.close()
+            await self._finish(result, started, error)
+        if error is not None:
+            raise error
         return result
 
-    def request_stop(self) -> None:
-        """Ctrl-C: stop scheduling new images; in-flight ones may finish (GRACE_SECONDS)."""
-        self.result.interrupted = True
-        self.stop_requested.set()
+    async def _scan_and_process(self, roots: list[str]) -> None:
+        files, errors = await self._scan(roots)
+        known, done, failed, failure_paths = await asyncio.to_thread(self._load_known)
+        if not self.control.stopping:  # a partial scan cannot say what is gone
+            self._forget_missing(roots, files, errors, known, failure_paths)
+        for path, reason in errors:
+            self.dispatcher.admit()
+            self.ledger.failed(path, None, "scan", reason)
+        triaged = identity.triage(files, known, done, failed=failed)
+        for f, content_id in triaged.back:
+            self.ledger.seen(FileSeen(f.path, f.size, f.mtime_ns, content_id))
+        # Skipped files are reported before the bar starts: its rate and ETA are for work.
+        self.ledger.skipped(triaged.skipped)
+        self.progress.start(len(triaged.todo))
+        self.dispatcher.admit(len(triaged.todo))
+        self._claims = _Claims(done)
+        await self._process(deque(triaged.todo))
 
-    def hurry(self) -> None:
-        """A second Ctrl-C: cancel requests in flight now (what is stored stays stored)."""
-        self._hurry = True
-        self.request_stop()
-
-    # ---- scan --------------------------------------------------------------------------
-
-    async def _scan(self, roots: list[str], result: RunResult, writer) -> list[scan.FileStat]:
+    async def _scan(self, roots: list[str]) -> tuple[list[scan.FileStat], list[tuple[str, str]]]:
         t0 = time.perf_counter()
-        ignore = {self.store.path, self.store.path + "-wal", self.store.path + "-shm"}
-        scan_errors: list[tuple[str, str]] = []
+        path = self.store.path
+        ignore = {path, path + "-wal", path + "-shm"}
+        errors: list[tuple[str, str]] = []
 
         def walk() -> list[scan.FileStat]:
-            return list(
-                scan.walk(roots, ignore=ignore, on_error=lambda p, r: scan_errors.append((p, r)))
-            )
+            on_error = lambda p, r: errors.append((p, r))  # noqa: E731
+            return list(scan.walk(roots, ignore=ignore, on_error=on_error, stop=self._stopping))
 
-        files, known = await asyncio.gather(
-            asyncio.to_thread(walk), asyncio.to_thread(self._load_known)
-        )
-        self._known, self._done, self._failed, failure_paths = known
-        seen = {f.path for f in files}
-        seen.update(path for path, _ in scan_errors)
-        gone = [
-            p for p, k in self._known.items() if k.present and p not in seen and _under(p, roots)
-        ]
-        # Failures of files that are gone (some never got as far as a files row) go too.
-        stale = [p for p in failure_paths if p not in seen and _under(p, roots)]
-        if gone or stale:
-            writer.put(Missing(gone + stale))
-        result.missing = len(gone)
-        for path, reason in scan_errors:
-            self._fail(writer, path, None, "scan", reason)
-        result.found = len(files)
-        result.times.add_total("scan", time.perf_counter() - t0)
-        return files
+        files = await asyncio.to_thread(walk)
+        self.ledger.counts.found = len(files) + len(errors)
+        self.times.add_total("scan", time.perf_counter() - t0)
+        return files, errors
 
-    def _load_known(self) -> tuple[dict[str, KnownFile], set[str], set[str], set[str]]:
-        # A second connection: the scan runs in a thread beside it.
-        from vlmtag.library.db import Store
+    def _stopping(self) -> bool:
+        return self.control.stopping
 
+    def _load_known(self):
+        # A second connection: the event loop goes on beside it.
         store = Store.open(self.store.path)
         try:
-            b, o = self.backend, self.options
+            b, o = self.lead, self.options
             done = set() if o.force else store.done_content_ids(b.name, b.model, o.prompt_key)
-            failed = store.failed_paths(b.name, b.model, o.prompt_key) if o.retry_failed else set()
+            failed = store.failed_paths(b.name, b.model, o.prompt_key) if o.retry_failed else None
             return store.known_files(), done, failed, store.failure_paths()
         finally:
             store.close()
 
-    # ---- process -----------------------------------------------------------------------
+    def _forget_missing(self, roots, files, errors, known, failure_paths) -> None:
+        seen = {f.path for f in files} | {p for p, _ in errors}
+        gone = [p for p, k in known.items() if k.present and p not in seen and _under(p, roots)]
+        # Failures of files that are gone (some never got as far as a files row) go too.
+        stale = [p for p in failure_paths if p not in seen and _under(p, roots)]
+        if gone or stale:
+            self.writer.put(Missing(gone + stale))
+        self.ledger.counts.missing = len(gone)
 
-    async def _process(self, files: list[scan.FileStat], result: RunResult, writer) -> None:
-        # Skipped files are reported before the bar starts: its rate and ETA are for work.
-        todo = self._triage(files, writer)
-        self.progress.start(len(todo))
-        ready: asyncio.Queue[_Item | None] = asyncio.Queue(
-            maxsize=max(2, self._consumer_count()) * READY_PER_WORKER
-        )
-        self._ready = ready
-        pool = ThreadPoolExecutor(
-            max_workers=self.options.threads, thread_name_prefix="vlmtag-prep"
-        )
+    async def _process(self, todo: deque) -> None:
+        pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="vlmtag-prep")
+        lanes = [asyncio.create_task(lane.run(self.dispatcher, self)) for lane in self.lanes]
+        producer = asyncio.create_task(self._produce(todo, pool))
         try:
-            consumers = [
-                asyncio.create_task(self._consume(index, ready, writer))
-                for index, backend in enumerate(self.backends)
-                for _ in range(self._slots(backend))
-            ]
-            producer = asyncio.create_task(self._produce(todo, ready, writer, pool))
-            await self._wait(producer, consumers)
+            await self._until_over(producer)
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            await self._wind_down(producer, lanes)
+            pool.shutdown(wait=not self.control.hurried, cancel_futures=True)
 
-    def _consumer_count(self) -> int:
-        return sum(self._slots(b) for b in self.backends)
+    async def _until_over(self, producer: asyncio.Task) -> None:
+        finished = asyncio.create_task(self.dispatcher.until_finished())
+        stopped = asyncio.create_task(self.control.wait())
+        try:
+            await asyncio.wait([finished, stopped, producer], return_when="FIRST_COMPLETED")
+            if producer.done() and not producer.cancelled() and producer.exception():
+                raise producer.exception()  # a bug in the producer: the run fails
+            if not finished.done() and not stopped.done():
+                await asyncio.wait([finished, stopped], return_when="FIRST_COMPLETED")
+        finally:
+            finished.cancel()
+            stopped.cancel()
 
-    def _slots(self, backend: Backend) -> int:
-        # In-process backends batch instead of running requests side by side.
-        if backend.batch_size > 1:
-            return 1
-        return AUTO_MAX if self.options.workers == AUTO else self.options.workers
-
-    async def _wait(self, producer: asyncio.Task, consumers: list[asyncio.Task]) -> None:
-        everything = asyncio.gather(producer, *consumers)
-        stop = asyncio.create_task(self.stop_requested.wait())
-        await asyncio.wait([everything, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not everything.done():
-            # Stopping: nothing new is sent; requests in flight may finish for a short while.
+    async def _wind_down(self, producer: asyncio.Task, lanes: list[asyncio.Task]) -> None:
+        """Stop everything still going; whatever did not end is `left` (or failed)."""
+        self.dispatcher.stop()
+        if not producer.done():
             producer.cancel()
-            await asyncio.wait([producer])
-            while not self._ready.empty():
-                self._ready.get_nowait()
-            for _ in range(self._consumer_count()):
-                self._ready.put_nowait(None)
-            deadline = time.monotonic() + GRACE_SECONDS
-            pending = set(consumers)
-            while pending and not self._hurry and time.monotonic() < deadline:
-                _, pending = await asyncio.wait(pending, timeout=0.2)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(producer, *consumers, return_exceptions=True)
-        stop.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await everything
+        await asyncio.gather(producer, return_exceptions=True)
+        for work in self.dispatcher.drain():
+            self._unsent(work)
+        in_flight = set().union(*(lane.in_flight for lane in self.lanes))
+        deadline = time.monotonic() + GRACE_SECONDS
+        while in_flight and not self.control.hurried and time.monotonic() < deadline:
+            _, in_flight = await asyncio.wait(in_flight, timeout=0.2)
+        for task in in_flight:
+            task.cancel()
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        for lane in self.lanes:
+            lane.stop_probing()
+        for task in lanes:
+            task.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
 
-    def _triage(self, files: list[scan.FileStat], writer) -> list[tuple[scan.FileStat, str | None]]:
-        """The rescan fast path: one dict look-up per file decides what needs work.
+    # ---- preparing -----------------------------------------------------------------------
 
-        Returns the files to read, each with its known content id when unchanged (size and
-        mtime as stored) or None when it must be hashed; the rest are counted as skipped.
-        """
-        todo: list[tuple[scan.FileStat, str | None]] = []
-        known_files, done, failed = self._known, self._done, self._failed
-        retry_failed = self.options.retry_failed
-        skipped = 0
-        for f in files:
-            if retry_failed and f.path not in failed:
-                skipped += 1
-                continue
-            known = known_files.get(f.path)
-            if known is None or known.size != f.size or known.mtime_ns != f.mtime_ns:
-                todo.append((f, None))
-                continue
-            if not known.present:
-                writer.put(FileSeen(f.path, f.size, f.mtime_ns, known.content_id))
-            if known.content_id in done:
-                skipped += 1
-            else:
-                todo.append((f, known.content_id))
-        self.result.skipped += skipped
-        self.progress.advance("skipped", skipped)
-        return todo
-
-    async def _produce(self, todo, ready, writer, pool) -> None:
+    async def _produce(self, todo: deque, pool: ThreadPoolExecutor) -> None:
         window = asyncio.Semaphore(self.options.threads * LOOKAHEAD_PER_THREAD)
-        tasks: set[asyncio.Task] = set()
+        jobs: set[asyncio.Task] = set()
         loop = asyncio.get_running_loop()
         try:
-            for f, content_id in todo:
-                if self.stop_requested.is_set():
+            while todo:
+                if self.abandoned is not None:
+                    status, stage, reason = self.abandoned
+                    for f, content_id in todo:
+                        self.ledger.failed(f.path, content_id, stage, reason)
+                    todo.clear()
                     break
                 await window.acquire()
-                job = loop.run_in_executor(pool, self._identify_and_prepare, f, content_id)
-                task = asyncio.create_task(self._deliver(f, job, ready, writer, window))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-            for _ in range(self._consumer_count()):
-                await ready.put(None)
-        finally:
-            for task in tasks:
+                f, content_id = todo.popleft()
+                future = loop.run_in_executor(pool, self._prepare, f, content_id)
+                task = asyncio.create_task(self._deliver(f, future, window))
+                jobs.add(task)
+                task.add_done_callback(jobs.discard)
+            await asyncio.gather(*jobs)
+        except asyncio.CancelledError:
+            for f, content_id in todo:
+                self.ledger.left(f.path, content_id)
+            for task in jobs:
                 task.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            raise
+        finally:
+            self.dispatcher.close()
 
-    def _claim(self, content_id: str) -> str:
-        """ "new" (this path sends it), "done" (stored before) or "copy" (another path has it)."""
-        with self._claim_lock:
-            if content_id in self._done:
-                return "done"
-            if content_id in self._claimed:
-                return "copy"
-            self._claimed.add(content_id)
-            return "new"
-
-    def _identify_and_prepare(self, f: scan.FileStat, content_id: str | None):
+    def _prepare(self, f: scan.FileStat, content_id: str | None) -> _Prepared:
         """In a pool thread: read once, hash if new or changed, claim, decode and fit."""
         started = time.perf_counter()
-        data = None
+        if content_id is not None:  # unchanged since it was hashed: claim before reading
+            status = self._claims.claim(content_id)
+            if status != "new":
+                return _Prepared(None, content_id, status)
         seen = None
-        if content_id is None:
-            data = scan.read_file(f.path)
-            content_id = scan.content_id(data)
-            seen = FileSeen(f.path, f.size, f.mtime_ns, content_id)
-            self.result.times.add("hash", time.perf_counter() - started)
-        status = self._claim(content_id)
-        if status != "new":
-            return seen, content_id, None, started, status
-        t1 = time.perf_counter()
         try:
+            data = identity.read_image(f.path, max_pixels=self.options.max_pixels)
+            if content_id is None:
+                content_id = hash_content(data)
+                seen = FileSeen(f.path, f.size, f.mtime_ns, content_id)
+                self.times.add("hash", time.perf_counter() - started)
+                status = self._claims.claim(content_id)
+                if status != "new":
+                    return _Prepared(seen, content_id, status)
+            t1 = time.perf_counter()
             image = imaging.prepare(
-                data if data is not None else f.path,
-                self.backend.input_box or self.options.resize,
+                data,
+                self.lead.input_box or self.options.resize,
                 max_pixels=self.options.max_pixels,
-                keep_pixels=self.backend.wants_pixels,
+                keep_pixels=self.lead.wants_pixels,
             )
+            self.times.add("decode", time.perf_counter() - t1)
+            return _Prepared(seen, content_id, "new", image)
         except ImageError as exc:
-            exc.content_id = content_id  # type: ignore[attr-defined]
-            exc.seen = seen  # type: ignore[attr-defined]
-            raise
-        self.result.times.add("decode", time.perf_counter() - t1)
-        return seen, content_id, image, started, status
+            return _Prepared(seen, content_id, "failed", error=exc)
 
-    async def _deliver(self, f, job, ready, writer, window) -> None:
+    async def _deliver(self, f: scan.FileStat, future, window: asyncio.Semaphore) -> None:
+        started = time.perf_counter()
+        content_id = None
         try:
             try:
-                seen, content_id, image, started, status = await job
-            except ImageError as exc:
-                seen = getattr(exc, "seen", None)
-                if seen:
-                    writer.put(seen)
-                self._fail(writer, f.path, getattr(exc, "content_id", None), exc.stage, str(exc))
+                got: _Prepared = await future
+            except asyncio.CancelledError:
+                self.ledger.left(f.path)
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bug reading one file fails that file
+                self.ledger.failed(f.path, None, "read", f"cannot read it: {one_line(repr(exc))}")
                 return
-            except OSError as exc:
-                self._fail(writer, f.path, None, "read", _os_reason(exc))
-                return
-            if seen:
-                writer.put(seen)
-            if image is None:
-                self._skipped(writer, f.path, content_id, status)
-                return
-            await ready.put(_Item(f.path, content_id, image, started))
+            content_id = got.content_id
+            if got.seen is not None:
+                self.ledger.seen(got.seen)
+            if got.status == "failed":
+                error = got.error
+                self.ledger.failed(f.path, content_id, error.stage, one_line(str(error)))
+            elif got.status == "done":
+                self.ledger.skipped(admitted=True)
+            elif got.status == "copy":
+                self.ledger.copy(f.path, content_id)
+            elif self.abandoned is not None:
+                self.ledger.failed(f.path, content_id, self.abandoned[1], self.abandoned[2])
+            else:
+                work = Work(f.path, content_id, got.image, started)
+                try:
+                    queued = await self.dispatcher.put(work)
+                except asyncio.CancelledError:
+                    queued = False
+                    raise
+                finally:
+                    if not queued:
+                        self._unsent(work)
         finally:
             window.release()
 
-    def _skipped(self, writer, path: str, content_id: str, status: str) -> None:
-        """A file that needs no request of its own; a copy shares its twin's fate."""
-        if status != "copy":
-            self._count("skipped")
-            return
-        self.result.duplicates += 1
-        failure = self._content_failures.get(content_id)
-        if failure is not None:
-            self._fail(writer, path, content_id, *failure)
+    # ---- what the lanes report (LaneSink) ----------------------------------------------
+
+    def reply(self, lane: Lane, work: Work, reply: Reply | BaseException, seconds: float):
+        self.times.add("infer", seconds)
+        verdict = self.answers.judge(work, reply)
+        if verdict.action == AGAIN and self.abandoned is None:
+            self.dispatcher.put_back(work)
+        elif verdict.action == AGAIN:
+            self.ledger.failed(work.path, work.content_id, self.abandoned[1], self.abandoned[2])
+        elif verdict.action == STORE:
+            image = work.image
+            self.ledger.tagged(
+                work.path,
+                work.content_id,
+                reply,
+                verdict.tags,
+                verdict.description,
+                width=image.source_width,
+                height=image.source_height,
+            )
+            self.times.add("total", time.perf_counter() - work.started)
         else:
-            self._copies.setdefault(content_id, []).append(path)
-            self._count("skipped")
+            self.ledger.failed(work.path, work.content_id, verdict.stage, verdict.reason)
+        if self.writer.fatal is not None:
+            self._abandon("failed", "store", f"not stored: {self.writer.fatal}")
 
-    async def _consume(self, index: int, ready, writer) -> None:
-        backend, limiter, health = self.backends[index], self._limiters[index], self._health[index]
-        while True:
-            await limiter.acquire()
-            latency, overloaded, sent = None, False, None
-            try:
-                batch = await self._next_batch(backend, ready)
-                if not batch:
-                    return
-                if not health.up.is_set():  # the server is away: hand the images on
-                    self._requeue(batch, writer, count=False)
-                    if not await health.wait_back():
-                        return
-                    continue
-                t0 = time.perf_counter()
-                sent = limiter.sent()
-                try:
-                    replies = await self._infer(backend, batch)
-                except ServerGoneError as exc:
-                    self._requeue(batch, writer, count=True)
-                    if not await self._server_away(index, exc):
-                        return
-                    continue
-                elapsed = time.perf_counter() - t0
-                overloaded = all(_overloaded(r) for r in replies)
-                if all(_first_try(r) for r in replies):  # retries say nothing of its speed
-                    latency = elapsed
-                for item, reply in zip(batch, replies, strict=True):
-                    self.result.times.add("infer", elapsed / len(batch))
-                    self._store_reply(backend, item, reply, writer)
-            finally:
-                await limiter.release(latency, sent=sent, overloaded=overloaded)
-
-    async def _infer(self, backend: Backend, batch: list[_Item]) -> list[Reply | BaseException]:
-        request = self.options.request
-        try:
-            if len(batch) == 1 and backend.batch_size <= 1:
-                return [await backend.infer(batch[0].image, request)]
-            return await backend.infer_batch([i.image for i in batch], request)
-        except ServerGoneError:
-            raise
-        except InferenceError as exc:
-            return [exc] * len(batch)
-
-    def _requeue(self, batch: list[_Item], writer, *, count: bool) -> None:
-        """Images whose server went away go to another server, or wait for this one."""
-        for item in batch:
-            item.lost += count
-            if item.lost > MAX_LOST:
-                self._fail(
-                    writer,
-                    item.path,
-                    item.content_id,
-                    "infer",
-                    f"the server dropped the connection {item.lost} times on this image",
-                )
+    def lost(self, lane: Lane, batch: list[Work]) -> None:
+        for work in batch:
+            work.lost += 1
+            if work.lost > MAX_LOST:
+                reason = f"its server dropped the connection {work.lost} times while answering it"
+                self.ledger.failed(work.path, work.content_id, "infer", reason)
+            elif any(other.healthy for other in self.lanes) and self.abandoned is None:
+                self.dispatcher.put_back(work)
             else:
-                self._requeued.append(item)
+                self.ledger.failed(work.path, work.content_id, "infer", self._no_server())
 
-    async def _server_away(self, index: int, exc: ServerGoneError) -> bool:
-        """Wait (bounded) for a server that stopped answering; False if it is given up."""
-        health = self._health[index]
-        if health.up.is_set():
-            health.up.clear()
-            asyncio.create_task(self._probe(index, exc))
-        return await health.wait_back()
+    def cancelled(self, batch: list[Work]) -> None:
+        for work in batch:
+            self.ledger.left(work.path, work.content_id)
 
-    async def _probe(self, index: int, exc: ServerGoneError) -> None:
-        backend, health = self.backends[index], self._health[index]
-        deadline = time.monotonic() + self.options.server_wait
-        delay = PROBE_FIRST_DELAY
-        while time.monotonic() < deadline and not self.stop_requested.is_set():
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 2, PROBE_MAX_DELAY)
-            try:
-                await backend.start()
-            except Exception:  # still away: any failure of the check means the same
-                continue
-            health.up.set()
-            return
-        health.retired = True
-        health.up.set()
-        if all(h.retired for h in self._health):
-            self._server_gone = (
-                f"{exc}; waited {self.options.server_wait:g} s for it to come back. "
-                f"{self.result.tagged} images were stored: start the server again and rerun "
-                "the same command to go on"
-            )
-            self.stop_requested.set()
+    def retired(self, lane: Lane) -> None:
+        if not any(other.healthy for other in self.lanes):
+            self._abandon("stopped", "infer", self._no_server())
 
-    async def _next_batch(self, backend: Backend, ready) -> list[_Item]:
-        batch: list[_Item] = []
-        while len(batch) < backend.batch_size and self._requeued:
-            batch.append(self._requeued.popleft())
-        if batch:
-            return batch
-        item = await ready.get()
-        if item is None:
-            if not self._requeued:
-                return []
-            ready.put_nowait(None)  # keep the end marker for the next reader
-            return [self._requeued.popleft()]
-        batch = [item]
-        while len(batch) < backend.batch_size:
-            try:
-                nxt = ready.get_nowait()
-            except asyncio.QueueEmpty:
-                break
-            if nxt is None:
-                ready.put_nowait(None)  # leave the end marker for the next read
-                break
-            batch.append(nxt)
-        return batch
-
-    def _store_reply(self, backend: Backend, item: _Item, reply, writer) -> None:
-        if isinstance(reply, BaseException):
-            stage = getattr(reply, "stage", "infer")
-            self._fail(
-                writer, item.path, item.content_id, stage, str(reply) or type(reply).__name__
-            )
-            return
-        request = self.options.request
-        try:
-            if reply.tags is not None:
-                tags = reply.tags
-                description = reply.description
-            else:
-                answer = parse_answer(
-                    reply.text, tag_count=request.tag_count, description=request.description
-                )
-                tags = [(t, None) for t in answer.tags]
-                description = answer.description if request.description else None
-        except ParseError as exc:
-            if not self._ask_again(item, usable=False):
-                self._fail(writer, item.path, item.content_id, "parse", str(exc))
-            return
-        whole = bool(reply.tags is not None or (tags and (description or not request.description)))
-        if self._ask_again(item, usable=whole):
-            return  # a cut-off answer: the next one is usually whole; else keep what was read
-        writer.put(
-            AnnotationRow(
-                content_id=item.content_id,
-                backend=backend.name,
-                model=backend.model,
-                prompt_key=self.options.prompt_key,
-                language=request.language,
-                tags=tags,
-                description=description,
-                raw=reply.text[:MAX_INPUT_CHARS],  # a runaway answer is not kept whole
-                server_timings=reply.timings,
-                run_id=self.result.run_id,
-                path=item.path,
-                width=item.image.source_width,
-                height=item.image.source_height,
-            )
+    def _no_server(self) -> str:
+        reasons = "; ".join(f"{lane.label}: {lane.reason}" for lane in self.lanes if lane.reason)
+        return (
+            f"not sent: no server is left ({reasons or 'every server stopped answering'}); "
+            "start the server again and rerun the same command to go on"
         )
-        self.result.times.add("total", time.perf_counter() - item.started)
-        self._count("tagged")
 
-    def _ask_again(self, item: _Item, *, usable: bool) -> bool:
-        """Whether to send an image once more after an unusable or cut-off answer.
+    def _abandon(self, status: str, stage: str, reason: str) -> None:
+        """No server or no database is left: what remains fails with the reason, at once."""
+        if self.abandoned is not None:
+            return
+        self.abandoned = (status, stage, reason)
+        self.dispatcher.stop()  # nothing more is sent, nor queued
+        for work in self.dispatcher.drain():
+            self._unsent(work)
 
-        One bad answer at a few percent must not cost an image its run. But a model that
-        never answers whole would double every request: after REASK_MISSES second answers
-        in a row that were no better, the run stops asking again.
-        """
-        if item.asked:  # this was the second answer: keep the count, never a third
-            self._reask_misses = 0 if usable else self._reask_misses + 1
-            return False
-        if usable or self._reask_misses >= REASK_MISSES:
-            return False
-        item.asked = True
-        self._requeued.append(item)
-        return True
+    def _unsent(self, work: Work) -> None:
+        """An image that will not be sent: failed if the run gave up, else left (stopped)."""
+        if self.abandoned is not None:
+            self.ledger.failed(work.path, work.content_id, self.abandoned[1], self.abandoned[2])
+        else:
+            self.ledger.left(work.path, work.content_id)
 
-    # ---- bookkeeping -------------------------------------------------------------------
+    def _not_stored(self, row: Row, reason: str) -> None:
+        self.ledger.not_stored(row, reason)
+        if self.writer.fatal is not None:
+            self._abandon("failed", "store", f"not stored: {self.writer.fatal}")
 
-    def _fail(self, writer, path: str, content_id: str | None, stage: str, reason: str) -> None:
-        b = self.backend
-        for failed in [path, *self._copies.pop(content_id, [])]:
-            writer.put(
-                FailureRow(
-                    failed,
-                    content_id,
-                    b.name,
-                    b.model,
-                    self.options.prompt_key,
-                    stage,
-                    reason,
-                    self.result.run_id,
-                )
+    def _in_flight_limit(self) -> int:
+        return sum(lane.limiter.limit for lane in self.lanes if lane.healthy) or 1
+
+    # ---- the end -------------------------------------------------------------------------
+
+    async def _finish(self, result: RunResult, started: float, error: BaseException | None):
+        stats = await asyncio.to_thread(self.writer.close)
+        await asyncio.sleep(0)  # what the writer reported last (call_soon_threadsafe) lands
+        counts = self.ledger.finish()
+        result.counts = counts
+        result.balanced = counts.balanced()
+        result.failures = self.ledger.failures
+        result.not_stored = stats.not_stored
+        result.times.add_total("db", stats.seconds)
+        result.wall_seconds = time.perf_counter() - started
+        result.servers = [_lane_report(lane) for lane in self.lanes]
+        result.status, result.stopped_reason = self._status(error)
+        if not result.balanced:
+            result.stopped_reason = (result.stopped_reason or "") + (
+                f" (internal: {counts.found} found but {sum(_outcomes(counts))} outcomes)"
             )
-            self.result.failures.append({"path": failed, "stage": stage, "reason": reason})
-            if failed != path:  # a copy counted as skipped until now
-                self.result.skipped -= 1
-            self._count("failed")
-        if content_id is not None:
-            self._content_failures[content_id] = (stage, reason)
+        self.progress.close()
+        try:
+            self.store.finish_run(
+                result.run_id,
+                result.status,
+                self.ledger.as_dict(),
+                result.times.summary(),
+                result.stopped_reason,
+            )
+        except Exception as exc:  # noqa: BLE001 - the database may be the reason we stopped
+            note = f"the run row could not be closed: {one_line(str(exc))}"
+            result.stopped_reason = (
+                f"{result.stopped_reason}; {note}" if result.stopped_reason else note
+            )
 
-    def _count(self, outcome: str) -> None:
-        setattr(self.result, outcome, getattr(self.result, outcome) + 1)
-        self.progress.advance(outcome)
+    def _status(self, error: BaseException | None) -> tuple[str, str | None]:
+        if error is not None:
+            return "failed", f"internal error: {one_line(repr(error))}"
+        if self.abandoned is not None:
+            return self.abandoned[0], self.abandoned[2]
+        if self.writer.fatal is not None:
+            return "failed", f"not stored: {self.writer.fatal}"
+        if self.control.stopping:
+            return (
+                "interrupted",
+                self.control.reason if self.control.reason != "interrupted" else None,
+            )
+        return "done", None
 
 
-def _counts(result: RunResult) -> dict[str, int]:
+def _limiter(backend: Backend, workers: int) -> Limiter:
+    if backend.batch_size > 1:  # in-process backends batch instead of running side by side
+        return Limiter(1)
+    if workers == AUTO:
+        return Limiter.auto(maximum=AUTO_MAX)
+    return Limiter(workers)
+
+
+def _lane_report(lane: Lane) -> dict[str, Any]:
     return {
-        k: getattr(result, k)
-        for k in ("found", "tagged", "skipped", "failed", "duplicates", "missing")
+        "server": lane.label,
+        "workers": lane.limiter.limit,
+        "workers_tried": lane.limiter.history,
+        "away": lane.retired or not lane.up.is_set(),
+        "sent": lane.sent,
     }
+
+
+def _outcomes(counts: Counts) -> list[int]:
+    return [counts.tagged, counts.skipped, counts.duplicates, counts.failed, counts.left]
 
 
 def _under(path: str, roots: list[str]) -> bool:
@@ -670,10 +542,3 @@ def _under(path: str, roots: list[str]) -> bool:
         if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
             return True
     return False
-
-
-def _os_reason(exc: OSError) -> str:
-    return f"cannot read the file: {exc.strerror or exc}"
-
-
-ProgressFactory = Callable[[], Progress]

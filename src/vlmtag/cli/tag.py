@@ -1,0 +1,244 @@
+"""`vlmtag tag`, `vlmtag bench` and `vlmtag doctor`: parse flags, run, render."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+import click
+
+from vlmtag.cli.common import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_PARTIAL,
+    EXIT_USAGE,
+    db_option,
+    echo_json,
+    friendly_errors,
+    redact,
+    remember_redactor,
+)
+from vlmtag.cli.options import model_options, settings_from
+
+TAG_EPILOG = """\b
+Exit codes: 0 every image tagged or skipped; 1 some images failed (see `vlmtag failures`),
+the servers went away or the database could not take the results; 2 usage or setup error;
+130 interrupted (Ctrl-C, SIGTERM, SIGHUP): what was tagged is stored, rerun to go on."""
+
+
+@click.command(epilog=TAG_EPILOG)
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option(
+    "--image-path",
+    "image_paths",
+    multiple=True,
+    type=click.Path(),
+    help="Folder or image to tag (the seed's spelling; same as PATHS).",
+)
+@db_option
+@model_options
+@click.option("--force", is_flag=True, help="Redo images already tagged with these settings.")
+@click.option("--retry-failed", is_flag=True, help="Only retry images that failed before.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(1),
+    default=None,
+    help="Refuse images larger than this many pixels (decompression bombs). Default 100000000.",
+)
+@click.option(
+    "--server-wait",
+    type=click.FloatRange(0, 86400),
+    default=None,
+    help="Seconds to wait for a server that stopped answering before stopping. Default 60.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.pass_context
+@friendly_errors
+def tag(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    image_paths: tuple[str, ...],
+    as_json: bool,
+    quiet: bool,
+    **flags: Any,
+) -> None:
+    """Tag (and describe) every image under PATHS and store the results.
+
+    Images already tagged with the same model and settings are skipped; renamed, moved
+    and duplicate files are recognised by content and not sent again. Keywords people
+    added, rejected or wrote by hand stay, whatever a later run, model or --force says.
+    """
+    from vlmtag.run.job import redactor_for, run_tag
+
+    settings = settings_from(ctx, [*paths, *image_paths], flags)
+    remember_redactor(redactor_for(settings))
+    progress = None if (quiet or as_json or not sys.stderr.isatty()) else _bar()
+    result = run(run_tag(settings, progress))
+    summary = result.summary()
+    summary["db"] = settings.db
+    if as_json:
+        echo_json(summary)
+    else:
+        render_summary(summary)
+    if result.interrupted:
+        leave(EXIT_INTERRUPTED)
+    leave(EXIT_PARTIAL if (result.failed or result.status != "done") else EXIT_OK)
+
+
+def run(coro):
+    """Run a coroutine to its end (typed errors are turned into lines by friendly_errors)."""
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def leave(code: int) -> None:
+    """Exit with code; a thread still stuck in a read (a hung network share) cannot hold the
+    process: after a bounded wait it goes with os._exit, output flushed first."""
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in stuck:
+        thread.join(timeout=2.0)
+    if any(t.is_alive() for t in stuck):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _bar():
+    from vlmtag.cli.progress import Bar
+
+    return Bar()
+
+
+def render_summary(s: dict[str, Any]) -> None:
+    head = (
+        f"tagged {s['tagged']}, skipped {s['skipped']}, failed {s['failed']} "
+        f"of {s['found']} images in {s['wall_seconds']:.1f} s"
+    )
+    if s["tagged"] or s["failed"]:
+        head += f" ({s['images_per_second']:.2f} images/s)"
+    click.echo(f"{head} - {s['model']} via {s['backend']}")
+    extras = [f"{s[k]} {k}" for k in ("duplicates", "left", "missing") if s.get(k)]
+    if extras:
+        click.echo(
+            "  " + ", ".join(extras) + " (duplicates share one answer; left: not reached before"
+            " the run stopped, a rerun does them; missing: gone from disk)"
+        )
+    click.echo(f"  {'stage':<8}{'total':>10}{'p50':>10}{'p95':>10}{'images':>8}")
+    for stage, t in s["stages"].items():
+        p50 = _secs(t["p50_s"]) if "p50_s" in t else ""
+        p95 = _secs(t["p95_s"]) if "p95_s" in t else ""
+        click.echo(
+            f"  {stage:<8}{_secs(t['total_s']):>10}{p50:>10}{p95:>10}{t.get('count', ''):>8}"
+        )
+    for server in s.get("servers") or []:
+        if len(s["servers"]) > 1 or len(server["workers_tried"]) > 1:
+            tried = " -> ".join(map(str, server["workers_tried"]))
+            away = " (stopped answering)" if server["away"] else ""
+            click.echo(f"  {server['server']}: {server['workers']} in flight (tried {tried}){away}")
+    if s["failures"]:
+        click.echo(f"failures ({s['failed']}; all of them: vlmtag failures):")
+        for f in s["failures"][:5]:
+            click.echo(redact(f"  {f['path']}: {f['stage']}: {f['reason']}"))
+    if s.get("stopped_reason"):
+        click.echo(redact(f"stopped: {s['stopped_reason']}"), err=True)
+    elif s["interrupted"]:
+        click.echo(
+            "interrupted: what was tagged is stored; rerun the same command to go on", err=True
+        )
+    click.echo(f"database: {s['db']}")
+
+
+def _secs(value: float) -> str:
+    return f"{value * 1000:.1f}ms" if value < 1 else f"{value:.2f}s"
+
+
+@click.command()
+@click.option(
+    "--image-path",
+    type=click.Path(),
+    default=None,
+    help="Folder of images to use. Default: synthetic 12 MP JPEGs.",
+)
+@click.option("--count", type=click.IntRange(1), default=20, help="How many images. Default 20.")
+@click.option(
+    "--simulate",
+    default=None,
+    metavar="SLOTS,SECONDS",
+    help="Use a simulated server with SLOTS parallel slots and SECONDS per request "
+    "(no GPU needed), e.g. 4,0.25.",
+)
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+@friendly_errors
+def bench(
+    ctx: click.Context,
+    image_path: str | None,
+    count: int,
+    simulate: str | None,
+    as_json: bool,
+    **flags: Any,
+) -> None:
+    """Measure a run on COUNT images: per-stage times, images/s, client vs server time.
+
+    Nothing is written to your database: the run goes to a temporary one.
+    """
+    from vlmtag.measure.bench import run_bench
+    from vlmtag.measure.simulate import parse_simulate
+    from vlmtag.run.job import redactor_for
+
+    settings = settings_from(ctx, [], flags)
+    remember_redactor(redactor_for(settings))
+    report = run(run_bench(settings, count, image_path, simulate and parse_simulate(simulate)))
+    if as_json:
+        echo_json(report)
+        return
+    report["db"] = "(temporary)"
+    render_summary(report)
+    if report["server_seconds"]:
+        click.echo(f"server time (sum over requests): {report['server_seconds']:.2f} s")
+    if "ideal_seconds" in report:
+        sim = report["simulated"]
+        click.echo(
+            f"simulated server {sim['slots']} slots x {sim['seconds']} s: ideal "
+            f"{report['ideal_seconds']:.2f} s, vlmtag {report['wall_seconds']:.2f} s "
+            f"(efficiency {report['efficiency']:.0%})"
+        )
+
+
+@click.command()
+@model_options
+@click.option("--no-parallel", is_flag=True, help="Do not measure parallelism (one request).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_context
+@friendly_errors
+def doctor(ctx: click.Context, no_parallel: bool, as_json: bool, **flags: Any) -> None:
+    """Check the server and model, measure how many requests it runs at once, advise settings.
+
+    Sends a few small test images (at most 1 + 2 + 4 + ... + 32 requests).
+    """
+    from vlmtag.measure.doctor import examine_all
+    from vlmtag.run.job import redactor_for
+
+    settings = settings_from(ctx, [], flags)
+    remember_redactor(redactor_for(settings))
+    reports = run(examine_all(settings, measure_parallel=not no_parallel))
+    if as_json:
+        echo_json([r.as_dict() for r in reports])
+    for r in reports if not as_json else []:
+        click.echo(redact(f"{r.server} ({r.backend}, {r.model})"))
+        for what, ok, detail in r.checks:
+            click.echo(redact(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}"))
+        if r.latency is not None:
+            rates = ", ".join(f"{n}: {v:.2f}/s" for n, v in r.throughput.items())
+            click.echo(f"  latency {r.latency:.2f} s; images/s by requests in flight: {rates}")
+            click.echo(f"  runs {r.parallel} at once" + (f"; model {r.gpu}" if r.gpu else ""))
+        for line in r.advice:
+            click.echo(f"  advice: {line}")
+    if any(not ok for r in reports for _, ok, _ in r.checks):
+        ctx.exit(EXIT_USAGE)

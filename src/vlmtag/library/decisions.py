@@ -1,0 +1,166 @@
+"""People's decisions: keywords added or rejected, descriptions written, and their undo.
+
+A decision names a content (so every copy and rename of the picture has it) and a language
+('' for every language: a name like "Felix" is the same in all of them). It is appended to
+the decisions table with who and when, never edited: undo appends an 'undo' row naming the
+decision it takes back, so history is whole and an undo can itself be undone. After each
+change the image's keyword sets are recomputed (library/current.py) in the same transaction.
+"""
+
+from __future__ import annotations
+
+import getpass
+import sqlite3
+from collections.abc import Iterable
+
+from vlmtag.errors import UsageError
+from vlmtag.library import current
+from vlmtag.library.current import ALL_LANGUAGES, Decision
+from vlmtag.library.db import Store, now
+from vlmtag.text import keyword_key, person_keyword, valid_utf8
+
+ADD, REJECT, DESCRIBE, UNDO = "add", "reject", "describe", "undo"
+MAX_DESCRIPTION_CHARS = 5000
+
+
+def default_author(via: str = "cli") -> str:
+    """Who decides: the user's login name and the way in ("alice via cli")."""
+    try:
+        name = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no login name (a container): still a person
+        name = "someone"
+    return f"{name} via {via}"
+
+
+def content_of(store: Store, path: str) -> str:
+    """The content a path holds, as stored; UsageError with the fix if it is unknown."""
+    row = store.file_row(path)
+    if row is None:
+        raise UsageError(f"{path} is not in the database; tag it first with `vlmtag tag {path}`")
+    return row["content_id"]
+
+
+def decide_keywords(
+    store: Store,
+    content_ids: Iterable[str],
+    action: str,
+    keywords: Iterable[str],
+    *,
+    language: str = ALL_LANGUAGES,
+    author: str | None = None,
+) -> int:
+    """Add or reject keywords on images; returns how many decisions changed something.
+
+    A keyword a person already gave the same way is not recorded again.
+    """
+    if action not in (ADD, REJECT):
+        raise ValueError(action)
+    words: dict[str, str] = {}  # one spelling per keyword: the first one given
+    for word in map(person_keyword, keywords):
+        words.setdefault(keyword_key(word), word)
+    if not words:
+        raise UsageError("name at least one keyword")
+    contents = list(dict.fromkeys(content_ids))
+    author = author or default_author()
+    stamp = now()
+    recorded = 0
+    with store.writing() as conn:
+        for content_id in contents:
+            state = _keyword_state(conn, content_id, language)
+            rows = [
+                (content_id, language, action, word, key, author, stamp)
+                for key, word in words.items()
+                if state.get(key) != (action, word)
+            ]
+            conn.executemany(
+                "INSERT INTO decisions (content_id, language, action, keyword, keyword_key, "
+                "author, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            recorded += len(rows)
+        current.refresh(conn, contents)
+    return recorded
+
+
+def describe(
+    store: Store,
+    content_ids: Iterable[str],
+    text: str,
+    *,
+    language: str = ALL_LANGUAGES,
+    author: str | None = None,
+) -> int:
+    """Set a person's description (it wins over every model's); returns images changed."""
+    description = " ".join(valid_utf8(text).split())
+    if len(description) > MAX_DESCRIPTION_CHARS:
+        raise UsageError(
+            f"a description of {len(description)} characters is too long "
+            f"(at most {MAX_DESCRIPTION_CHARS})"
+        )
+    contents = list(dict.fromkeys(content_ids))
+    author = author or default_author()
+    with store.writing() as conn:
+        conn.executemany(
+            "INSERT INTO decisions (content_id, language, action, description, author, "
+            "created_at) VALUES (?, ?, 'describe', ?, ?, ?)",
+            [(c, language, description, author, now()) for c in contents],
+        )
+        current.refresh(conn, contents)
+    return len(contents)
+
+
+def undo(
+    store: Store, *, content_id: str | None = None, count: int = 1, author: str | None = None
+) -> list[Decision]:
+    """Take back the last `count` decisions (of one image, if given) that still hold."""
+    if count < 1:
+        raise UsageError(f"undo needs a count of at least 1, not {count}")
+    author = author or default_author()
+    with store.writing() as conn:
+        taken = _last_effective(conn, content_id, count)
+        conn.executemany(
+            "INSERT INTO decisions (content_id, language, action, undoes, author, created_at) "
+            "VALUES (?, ?, 'undo', ?, ?, ?)",
+            [(c, d.language, d.id, author, now()) for c, d in taken],
+        )
+        current.refresh(conn, [c for c, _ in taken])
+    return [d for _, d in taken]
+
+
+def history(store: Store, content_id: str) -> list[Decision]:
+    """Every decision on one image, oldest first, undo rows included."""
+    return current.load_decisions(store.conn, content_id)
+
+
+def _keyword_state(
+    conn: sqlite3.Connection, content_id: str, language: str
+) -> dict[str, tuple[str, str]]:
+    """key -> (action, spelling) of the decision that holds now, in exactly this language."""
+    state: dict[str, tuple[str, str]] = {}
+    for d in current.effective(current.load_decisions(conn, content_id)):
+        if d.language == language and d.action in (ADD, REJECT) and d.key:
+            state[d.key] = (d.action, d.keyword or "")
+    return state
+
+
+def _last_effective(
+    conn: sqlite3.Connection, content_id: str | None, count: int
+) -> list[tuple[str, Decision]]:
+    """The newest `count` decisions that still hold, newest first, with their content.
+
+    Images are visited newest activity first; once `count` are found and the next image's
+    last activity is older than all of them, no other image can hold a newer one.
+    """
+    where = "WHERE content_id = ?" if content_id else ""
+    rows = conn.execute(
+        f"SELECT content_id, max(id) FROM decisions {where} GROUP BY content_id "
+        "ORDER BY max(id) DESC",
+        [content_id] if content_id else [],
+    )
+    found: list[tuple[str, Decision]] = []
+    for c, last in rows:
+        if len(found) >= count and last < found[count - 1][1].id:
+            break
+        found.extend((c, d) for d in current.effective(current.load_decisions(conn, c)))
+        found.sort(key=lambda item: item[1].id, reverse=True)
+    return found[:count]

@@ -1,0 +1,72 @@
+"""What a model's reply comes to: keywords to store, a failure, or a reason to ask once more.
+
+One bad answer at a few percent must not cost an image its run, so an unusable or cut-off
+answer is asked again once. A model that never answers whole would double every request:
+after REASK_MISSES second answers in a row that were no better, the run stops asking again.
+An answer cut off twice keeps what could be read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlmtag.errors import ParseError
+from vlmtag.models.parse import parse_answer
+from vlmtag.run.dispatcher import Work
+from vlmtag.text import one_line
+from vlmtag.types import Reply, Request
+
+REASK_MISSES = 5  # re-asks in a row that did not help: stop asking again in this run
+STORE, AGAIN, FAIL = "store", "again", "fail"
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    action: str  # STORE, AGAIN or FAIL
+    tags: list[tuple[str, float | None]] = field(default_factory=list)
+    description: str | None = None
+    stage: str = ""
+    reason: str = ""
+
+
+class Answers:
+    """Judges each reply of one run; remembers whether asking again has been paying off."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self._misses = 0  # answers asked again in a row that were no better
+
+    def judge(self, work: Work, reply: Reply | BaseException) -> Verdict:
+        if isinstance(reply, BaseException):
+            reason = one_line(str(reply)) or type(reply).__name__
+            return Verdict(FAIL, stage=getattr(reply, "stage", "infer"), reason=reason)
+        request = self.request
+        try:
+            if reply.tags is not None:  # in-process classifiers answer with tags already
+                tags = list(reply.tags)
+                description = reply.description if request.description else None
+            else:
+                answer = parse_answer(
+                    reply.text, tag_count=request.tag_count, description=request.description
+                )
+                tags = [(t, None) for t in answer.tags]
+                description = answer.description if request.description else None
+        except ParseError as exc:
+            if self._again(work, usable=False):
+                return Verdict(AGAIN)
+            return Verdict(FAIL, stage="parse", reason=one_line(str(exc)))
+        except Exception as exc:  # noqa: BLE001 - an answer no reader foresaw fails one image
+            return Verdict(FAIL, stage="parse", reason=f"unreadable answer: {one_line(repr(exc))}")
+        whole = reply.tags is not None or bool(tags and (description or not request.description))
+        if self._again(work, usable=whole):
+            return Verdict(AGAIN)
+        return Verdict(STORE, tags, description)
+
+    def _again(self, work: Work, *, usable: bool) -> bool:
+        if work.asked:  # this was the second answer: keep the count, never a third
+            self._misses = 0 if usable else self._misses + 1
+            return False
+        if usable or self._misses >= REASK_MISSES:
+            return False
+        work.asked = True
+        return True

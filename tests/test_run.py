@@ -1,0 +1,237 @@
+"""The run loop in-process: the real Pipeline, dispatcher, lanes, ledger and writer over a real
+SQLite file, driven by scripted stub servers (tests/stubs.py) through the Backend interface.
+
+Several servers at different speeds, one that dies mid-run, one that answers garbage, one that
+never answers, a backend that crashes, all servers gone, a stop mid-run; and a property test:
+whatever the servers do, every image ends in exactly one outcome and the ledger balances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from stubs import KINDS, StubServer, paint
+from vlmtag.library.db import Store
+from vlmtag.models.prompts import build_request, prompt_key
+from vlmtag.run.control import Control
+from vlmtag.run.pipeline import AUTO, Pipeline, RunOptions
+
+REQUEST = build_request(tag_count=10, description=True, language="en")
+
+
+def options(**kw) -> RunOptions:
+    values = dict(
+        request=REQUEST,
+        prompt_key=prompt_key(REQUEST, (512, 512)),
+        resize=(512, 512),
+        max_pixels=100_000_000,
+        workers=4,
+        server_wait=0.3,
+        threads=2,
+    )
+    values.update(kw)
+    return RunOptions(**values)
+
+
+def run(db: Path, folder: Path, servers: list[StubServer], control=None, **kw):
+    async def go():
+        store = Store.open(db)
+        try:
+            pipeline = Pipeline(store, servers, options(**kw), control=control)
+            if control is not None:
+                control.pipeline = pipeline
+            return await pipeline.run([str(folder)])
+        finally:
+            store.close()
+
+    return asyncio.run(go())
+
+
+def stored(db: Path) -> tuple[dict[str, list[str]], dict[str, str], str]:
+    """path -> stored keywords, path -> failure stage, and the run's status."""
+    conn = sqlite3.connect(db)
+    try:
+        tags: dict[str, list[str]] = {}
+        for path, tag in conn.execute(
+            "SELECT f.path, k.keyword FROM files f JOIN keyword_sets s ON s.content_id = "
+            "f.content_id AND s.newest = 1 JOIN set_keywords k ON k.set_id = s.id "
+            "ORDER BY f.path, k.position"
+        ):
+            tags.setdefault(path, []).append(tag)
+        failures = dict(conn.execute("SELECT path, stage FROM failures"))
+        [(status,)] = conn.execute("SELECT status FROM runs ORDER BY id DESC LIMIT 1").fetchall()
+        return tags, failures, status
+    finally:
+        conn.close()
+
+
+def assert_accounted(result, expected: dict[str, str], db: Path) -> None:
+    """Every image in exactly one outcome; what is stored says the same as the counts."""
+    c = result.counts
+    assert result.balanced, result.summary()
+    assert c.found == len(expected) == c.tagged + c.skipped + c.duplicates + c.failed + c.left
+    tags, failures, status = stored(db)
+    assert status == result.status and status != "running"
+    for path, fingerprint in expected.items():
+        if path in tags:
+            assert fingerprint in tags[path], (path, tags[path])  # its own answer
+    assert len(set(tags) & set(failures)) == 0  # never both
+    assert len(tags) == c.tagged + c.duplicates + c.skipped
+    assert len(failures) == c.failed
+    return tags, failures
+
+
+def test_three_servers_of_different_speeds_share_the_work(tmp_path):
+    expected = paint(tmp_path / "pics", 60, copies=4)
+    fast = StubServer("fast", latency=0.002, slots=4)
+    medium = StubServer("medium", latency=0.01, slots=2)
+    slow = StubServer("slow", latency=0.05, slots=1)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [fast, medium, slow])
+    tags, _ = assert_accounted(result, expected, tmp_path / "v.db")
+    assert (result.tagged, result.duplicates, result.failed) == (60, 4, 0)
+    assert result.status == "done" and len(tags) == 64
+    assert fast.answered + medium.answered + slow.answered == 60  # nothing sent twice
+    assert fast.answered > slow.answered
+
+
+def test_a_server_that_dies_hands_its_images_to_the_others(tmp_path):
+    expected = paint(tmp_path / "pics", 50)
+    dying = StubServer("dying", lambda n: "gone" if n >= 5 else "ok", slots=4)
+    healthy = StubServer("healthy", latency=0.01, slots=2)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [dying, healthy])
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert (result.tagged, result.failed, result.status) == (50, 0, "done")
+    away = {s["server"]: s["away"] for s in result.servers}
+    assert away == {"http://dying.test": True, "http://healthy.test": False}
+    assert dying.calls <= 5 + 4  # a retired lane is never sent to again (+ those in flight)
+
+
+def test_garbage_answers_are_asked_again_then_failed_never_stored(tmp_path):
+    expected = paint(tmp_path / "pics", 30)
+    garbage = StubServer("garbage", "garbage", slots=2)
+    fine = StubServer("fine", latency=0.02, slots=1)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [garbage, fine])
+    tags, failures = assert_accounted(result, expected, tmp_path / "v.db")
+    assert set(failures.values()) <= {"parse"}
+    assert result.tagged == fine.answered and result.tagged > 0
+
+
+def test_one_server_never_answers_the_others_do(tmp_path):
+    expected = paint(tmp_path / "pics", 30)
+    hanging = StubServer("hanging", "hang", slots=4, timeout=0.3)
+    fine = StubServer("fine", slots=4)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [hanging, fine])
+    _, failures = assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.failed == hanging.calls and set(failures.values()) <= {"infer"}
+    assert result.tagged == fine.answered and result.status == "done"
+
+
+def test_a_crashing_backend_fails_its_images_not_the_run(tmp_path):
+    expected = paint(tmp_path / "pics", 12)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [StubServer("buggy", "crash")])
+    _, failures = assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.failed == 12 and result.status == "done"
+    conn = sqlite3.connect(tmp_path / "v.db")
+    reasons = {r[0] for r in conn.execute("SELECT reason FROM failures")}
+    conn.close()
+    assert reasons == {"the stub backend failed: RuntimeError('a bug inside the backend')"}
+
+
+def test_when_every_server_is_gone_what_remains_fails_with_the_reason(tmp_path):
+    expected = paint(tmp_path / "pics", 40)
+    a = StubServer("a", lambda n: "gone" if n >= 3 else "ok", slots=1)
+    b = StubServer("b", lambda n: "gone" if n >= 2 else "ok", slots=1)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [a, b], server_wait=0.2)
+    _, failures = assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.status == "stopped" and "no server is left" in result.stopped_reason
+    assert result.tagged == 5 and result.failed == 35
+
+
+def test_a_stop_leaves_the_rest_for_the_next_run(tmp_path):
+    expected = paint(tmp_path / "pics", 80)
+    control = Control()
+    server = StubServer("slow", latency=0.02, slots=2)
+
+    def script(n: int) -> str:
+        if n == 10:
+            control.stop()
+        return "ok"
+
+    server.script = script
+    result = run(tmp_path / "v.db", tmp_path / "pics", [server], control=control)
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.status == "interrupted" and result.left > 0 and result.failed == 0
+    again = run(tmp_path / "v.db", tmp_path / "pics", [StubServer("fresh")])
+    assert_accounted(again, expected, tmp_path / "v.db")
+    assert again.tagged == result.left and again.skipped == result.tagged + result.duplicates
+
+
+def test_workers_n_means_n_in_flight_and_auto_adapts(tmp_path):
+    paint(tmp_path / "pics", 40)
+    fixed = run(tmp_path / "a.db", tmp_path / "pics", [StubServer("s", latency=0.01)], workers=64)
+    assert fixed.servers[0]["workers_tried"] == [64]  # 64 is 64, not auto
+    auto = run(tmp_path / "b.db", tmp_path / "pics", [StubServer("s", latency=0.01)], workers=AUTO)
+    assert auto.servers[0]["workers_tried"][0] == 2  # auto starts low and moves
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    scripts=st.lists(
+        st.lists(st.sampled_from(KINDS), min_size=1, max_size=12), min_size=1, max_size=3
+    ),
+    images=st.integers(min_value=0, max_value=24),
+    copies=st.integers(min_value=0, max_value=4),
+)
+def test_every_image_ends_in_exactly_one_outcome(tmp_path_factory, scripts, images, copies):
+    """Whatever each server does request by request, the ledger balances and the database
+    holds exactly what the counts say."""
+    tmp = tmp_path_factory.mktemp("prop")
+    expected = paint(tmp / "pics", images, copies=copies if images else 0)
+    servers = [
+        StubServer(f"s{i}", (lambda n, s=script: s[n % len(s)]), slots=2, timeout=0.05)
+        for i, script in enumerate(scripts)
+    ]
+    result = run(tmp / "v.db", tmp / "pics", servers, server_wait=0.1, workers=2)
+    assert_accounted(result, expected, tmp / "v.db")
+    assert result.status in ("done", "stopped")
+    assert result.left == 0  # nobody stopped this run: nothing is left unaccounted
+
+
+class CutOnce(StubServer):
+    """Cuts off its first answer about each image; answers whole when asked again."""
+
+    def __init__(self, label: str, **kw):
+        super().__init__(label, **kw)
+        self.asked: dict[bytes, int] = {}
+
+    async def infer(self, image, request):
+        self.asked[image.data] = self.asked.get(image.data, 0) + 1
+        self.script = lambda n, first=self.asked[image.data] == 1: "cut" if first else "ok"
+        return await super().infer(image, request)
+
+
+def test_a_cut_off_answer_is_asked_again_and_the_whole_one_kept(tmp_path):
+    expected = paint(tmp_path / "pics", 6)
+    server = CutOnce("s", slots=1)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [server])
+    tags, _ = assert_accounted(result, expected, tmp_path / "v.db")
+    assert server.calls == 12 and result.tagged == 6
+    assert all("solid colour" in words for words in tags.values())  # the whole answers
+
+
+def test_a_model_that_always_cuts_off_is_not_asked_again_for_ever(tmp_path):
+    expected = paint(tmp_path / "pics", 8)
+    server = StubServer("s", "cut", slots=1)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [server], workers=1)
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.tagged == 8  # what could be read is kept, each with its own fingerprint
+    assert server.calls == 8 + 5  # re-asking stops after five re-asks that did not help
