@@ -36,6 +36,7 @@ from PIL import Image, ImageStat
 #   error200   HTTP 200 whose body is {"error": ...} (Ollama's mid-stream error)
 #   garbage    HTTP 200, model content that is not JSON
 #   truncated  HTTP 200, model content cut off halfway through its JSON
+#   raw:BODY   HTTP 200 with BODY as it is (odd shapes a server may send)
 FAULTS = ("hang", "close", "error200", "garbage", "truncated")
 QUANTUM = 32  # fingerprints quantise each mean channel to this step
 VERSION = "0.12.6"
@@ -376,6 +377,9 @@ class _Handler(BaseHTTPRequestHandler):
             if fault == "hang":
                 fake._closing.wait(fake.hang_seconds)
                 self.close_connection = True
+                return
+            if fault and fault.startswith("raw:"):  # any body at all, under HTTP 200
+                self._send(200, fault[4:].encode("utf-8", "surrogatepass"), "application/json")
                 return
             if fault and fault.isdigit():
                 raise _Fail(

@@ -481,3 +481,78 @@ def test_tag_then_export_sidecars_and_embed_then_tag_again_costs_no_request(tmp_
         again = run_cli("tag", str(lib.root), "--api-base", server.url, db=lib.db)
         assert again.returncode == 0, again.stderr
         assert server.count("/api/chat") == sent  # embedding did not make the images "new"
+
+
+# ---- what matches nothing, links beside the images, confidences, $ and @ --------------------
+
+
+def test_a_missing_folder_or_an_unknown_model_or_language_is_one_line_and_exit_2(lib, tmp_path):
+    lib.tag_all(["cat"])
+    for args in (
+        [str(tmp_path / "nowhere"), "--format", "xmp"],
+        [str(tmp_path / "nowhere")],
+        ["--model", "no-such-model"],
+        ["--language", "ja", "--format", "csv"],
+        ["--format", "csv", "--out", str(tmp_path / "no" / "such" / "dir" / "t.csv")],
+    ):
+        result = lib.export(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.stderr.startswith("vlmtag: error: ") and len(result.stderr.splitlines()) == 1
+    assert "qwen3-vl:4b" in lib.export("--model", "no-such-model").stderr  # says what there is
+
+
+def test_beside_the_images_a_symlinked_sub_folder_is_not_followed_out(lib, tmp_path):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(lib.paths["cat.jpg"], outside / "linked.jpg")
+    (lib.root / "linked").symlink_to(outside, target_is_directory=True)
+    lib.paths["linked/linked.jpg"] = lib.root / "linked" / "linked.jpg"
+    lib.tag_all(["cat"])
+    for fmt in ("xmp", "txt"):
+        result = lib.export(str(lib.root), "--format", fmt)
+        assert result.exit_code == 1 and "leads outside" in result.stderr, result.stderr
+    assert sorted(p.name for p in outside.iterdir()) == ["linked.jpg"]  # nothing written there
+    assert (lib.root / "cat.jpg.xmp").exists()  # the rest were
+
+
+def test_confidences_are_exported_and_min_confidence_keeps_peoples_keywords(lib):
+    path = lib.paths["cat.jpg"]
+    cid = content_id(path.read_bytes())
+    writer = Writer(lib.store.path)
+    writer.put(FileSeen(str(path), path.stat().st_size, path.stat().st_mtime_ns, cid))
+    row = AnnotationRow(
+        cid, "builtin", "efficientnet-lite0", "pk1", "en",
+        [("cat", 0.92), ("blanket", 0.12), ("tabby", 0.4)], None, "{}", {}, lib.run_id,
+    )  # fmt: skip
+    writer.put(row)
+    writer.close()
+    from vlmtag.library import decisions
+
+    decisions.decide_keywords(lib.store, [cid], "add", ["Felix"])
+    record = json.loads(lib.export("--format", "jsonl").stdout)
+    assert record["tags"] == ["cat", "blanket", "tabby", "Felix"]
+    assert record["confidences"] == [0.92, 0.12, 0.4, None]
+    assert [k["source"] for k in record["keywords"]] == ["model", "model", "model", "person"]
+    sure = json.loads(lib.export("--format", "jsonl", "--min-confidence", "0.3").stdout)
+    assert sure["tags"] == ["cat", "tabby", "Felix"]  # a person's keyword always stays
+    [header, line] = lib.export("--format", "csv", "--min-confidence", "0.3").stdout.splitlines()
+    cells = next(csv.reader([line]))
+    assert cells[header.split(",").index("tags")] == "cat, tabby, Felix"
+    assert cells[header.split(",").index("confidences")] == "0.92, 0.4, "
+    assert lib.export(str(lib.root), "--format", "txt", "--min-confidence", "0.5").exit_code == 0
+    assert (lib.root / "cat.txt").read_text(encoding="utf-8") == "cat, Felix\n"
+
+
+@needs_exiftool
+def test_embed_keeps_dollar_and_at_and_writes_nothing_when_nothing_changed(lib):
+    photo = lib.paths["coffee.jpg"]
+    words = ["cost $5", "me@home", "50% off", "back\\slash", 'say "hi"']
+    lib.tag("coffee.jpg", words, "It cost $5 @ the café.")
+    assert lib.export(str(photo), "--embed", "--overwrite-original").exit_code == 0
+    found = exiftool_json(photo, tags=("-IPTC:Keywords", "-XMP-dc:all"))[0]
+    assert found["XMP-dc:Subject"] == words and found["IPTC:Keywords"] == words
+    assert found["XMP-dc:Description"] == "It cost $5 @ the café."
+    stamp = photo.stat().st_mtime_ns
+    again = lib.export(str(photo), "--embed", "--overwrite-original")
+    assert again.exit_code == 0 and "written 0, skipped 1" in again.stderr
+    assert photo.stat().st_mtime_ns == stamp  # not rewritten

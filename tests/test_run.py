@@ -235,3 +235,27 @@ def test_a_model_that_always_cuts_off_is_not_asked_again_for_ever(tmp_path):
     assert_accounted(result, expected, tmp_path / "v.db")
     assert result.tagged == 8  # what could be read is kept, each with its own fingerprint
     assert server.calls == 8 + 5  # re-asking stops after five re-asks that did not help
+
+
+def test_a_stop_during_the_scan_declares_nothing_missing(tmp_path):
+    expected = paint(tmp_path / "pics", 30)
+    first = run(tmp_path / "v.db", tmp_path / "pics", [StubServer("s")])
+    assert first.tagged == 30
+    control = Control()
+    control.stop()  # before the scan has seen anything
+    result = run(tmp_path / "v.db", tmp_path / "pics", [StubServer("s")], control=control)
+    assert result.status == "interrupted" and result.found == 0 and result.missing == 0
+    tags, _, _ = stored(tmp_path / "v.db")
+    assert set(tags) == set(expected)  # still all there, and present
+
+
+def test_images_of_a_slow_server_that_dies_after_the_fast_one_finished_are_still_sent(tmp_path):
+    """12 found, 12 tagged: what the slow server held is handed to the fast one, which has
+    long run out of work of its own, and the dead one is never sent to again."""
+    expected = paint(tmp_path / "pics", 12)
+    slow = StubServer("slow", "gone", latency=0.4, slots=2)
+    fast = StubServer("fast", latency=0.001, slots=4)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [slow, fast], workers=2)
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert (result.found, result.tagged, result.failed) == (12, 12, 0)
+    assert slow.calls == 2 and fast.answered == 12

@@ -299,3 +299,13 @@ def test_content_id_is_sha256_hex(photos_dir):
     assert content_id(data) == hashlib.sha256(data).hexdigest()
     assert content_id(data) != content_id(data + b"\0")
     assert len(content_id(data)) == 64
+
+
+def test_walk_stops_between_entries_when_told(tmp_path):
+    for i in range(50):
+        touch(tmp_path / f"d{i % 5}" / f"{i:03d}.jpg")
+    seen: list[str] = []
+    for f in walk([tmp_path], stop=lambda: len(seen) >= 7):
+        seen.append(f.path)
+    assert len(seen) == 7
+    assert len(list(walk([tmp_path]))) == 50

@@ -133,7 +133,8 @@ class Store:
             app_id = self.conn.execute("PRAGMA application_id").fetchone()[0]
             tables = self.conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         finally:
-            self.conn.execute("COMMIT")
+            if self.conn.in_transaction:  # an I/O error ends it, and must not be masked
+                self.conn.execute("COMMIT")
         if app_id != APP_ID and (app_id != 0 or tables):
             raise StoreError(
                 f"{self.path} is an SQLite file of another program, not a vlmtag database; "

@@ -127,8 +127,10 @@ def decode_json(response: httpx.Response) -> Any:
     """The body as JSON; an unreadable 200 body is a BrokenAnswer (retried once)."""
     try:
         return response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError):
         raise BrokenAnswer(f"answer is not JSON: {_snippet(response.text)}") from None
+    except RecursionError:  # JSON nested deeper than any answer: a broken or hostile server
+        raise BrokenAnswer("answer is JSON nested too deep to read") from None
 
 
 async def get_json(
@@ -296,7 +298,7 @@ def error_text(response: httpx.Response) -> str:
     text = ""
     try:
         body = response.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         body = None
     if isinstance(body, dict):
         err = body.get("error")

@@ -204,6 +204,8 @@ def decode_chat(response: httpx.Response) -> Reply:
         chunks = [json.loads(text)]
     except json.JSONDecodeError:
         chunks = _ndjson(text)
+    except RecursionError:
+        raise BrokenAnswer("answer is JSON nested too deep to read") from None
     content: list[str] = []
     final: dict[str, Any] | None = None
     for chunk in chunks:
@@ -214,7 +216,12 @@ def decode_chat(response: httpx.Response) -> Reply:
             # {"error": ...} object under HTTP 200.
             raise BrokenAnswer(f"error while answering: {chunk['error']}")
         message = chunk.get("message") or {}
-        content.append(str(message.get("content") or ""))
+        if not isinstance(message, dict):
+            raise BrokenAnswer(f"unexpected answer: {text[:200]}")
+        part = message.get("content") or ""
+        if not isinstance(part, str):
+            raise BrokenAnswer(f"the answer's content is not text: {str(part)[:200]}")
+        content.append(part)
         if chunk.get("done"):
             final = chunk
             break
@@ -230,7 +237,7 @@ def _ndjson(text: str) -> list[Any]:
             continue
         try:
             chunks.append(json.loads(line))
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise BrokenAnswer(f"answer is not JSON: {line[:200]}") from None
     return chunks
 

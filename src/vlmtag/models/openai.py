@@ -327,25 +327,33 @@ def read_completion(response: httpx.Response) -> Reply:
         if isinstance(error, dict):
             error = error.get("message")
         raise BrokenAnswer(f"no answer in the reply: {error or str(body)[:200]}")
-    message = body["choices"][0].get("message") or {}
+    choices = body["choices"]
+    choice = choices[0] if isinstance(choices, list) else None
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise BrokenAnswer(f"the reply is not a chat completion: {str(body)[:200]}")
     content = message.get("content")
     if content is None and message.get("refusal"):
         raise InferenceError(f"the model refused: {message['refusal']}", retryable=False)
-    return Reply(text=str(content or ""), timings=usage_timings(body))
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}]
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if content is not None and not isinstance(content, str):
+        raise BrokenAnswer(f"the answer's content is not text: {str(content)[:200]}")
+    return Reply(text=content or "", timings=usage_timings(body))
 
 
 def usage_timings(body: dict[str, Any]) -> dict[str, float]:
     """Token counts from `usage`, and llama-server's own `timings` when present, under the
     same names as Ollama's so reports can treat both alike (durations in seconds)."""
     timings: dict[str, float] = {}
-    usage = body.get("usage") or {}
+    usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     for ours, theirs in (
         ("prompt_eval_count", "prompt_tokens"),
         ("eval_count", "completion_tokens"),
     ):
         if isinstance(usage.get(theirs), int | float):
             timings[ours] = float(usage[theirs])
-    server = body.get("timings") or {}
+    server = body.get("timings") if isinstance(body.get("timings"), dict) else {}
     for ours, theirs in (("prompt_eval_duration", "prompt_ms"), ("eval_duration", "predicted_ms")):
         if isinstance(server.get(theirs), int | float):
             timings[ours] = server[theirs] / 1000
