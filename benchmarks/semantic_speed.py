@@ -27,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from vlmtag.library import semantic  # noqa: E402 - after the src path is known
+from vlmtag.library import current, semantic  # noqa: E402 - after the src path is known
 from vlmtag.library.db import Store, now  # noqa: E402
 
 WORDS = [
@@ -87,20 +87,15 @@ def fill(store: Store, count: int, seed: int = 1) -> None:
                 "INSERT INTO tags (annotation_id, position, tag) VALUES (?, ?, ?)",
                 [(i, p, t) for i in ids for p, t in enumerate(tags[i])],
             )
-            conn.executemany(
-                "INSERT INTO embeddings (annotation_id, model, text_hash, dim, vector) "
-                "VALUES (?, ?, ?, ?, ?)",
-                [
-                    (
-                        i,
-                        semantic.EMBEDDING_MODEL,
-                        semantic.text_hash(tags[i], text[i]),
-                        DIM,
-                        vectors[i - 1].astype("<f4").tobytes(),
-                    )
-                    for i in ids
-                ],
-            )
+        current.rebuild_all(conn)  # the keyword sets a search ranks, with their text hashes
+        hashes = [r[0] for r in conn.execute("SELECT DISTINCT text_hash FROM keyword_sets")]
+        conn.executemany(
+            "INSERT INTO embeddings (text_hash, model, dim, vector) VALUES (?, ?, ?, ?)",
+            [
+                (digest, semantic.EMBEDDING_MODEL, DIM, vectors[i % count].astype("<f4").tobytes())
+                for i, digest in enumerate(hashes)
+            ],
+        )
 
 
 def timed(fn, repeat: int = 1) -> tuple[str, object]:
@@ -146,7 +141,7 @@ def main() -> None:
         cold, _ = timed(lambda: semantic.rank(store, query, limit=20))
         warm, top = timed(lambda: semantic.rank(store, query, limit=20), 5)
         semantic.drop_cache(store)
-        semantic._library(store)
+        semantic.candidates(store)
         vectors_cold, _ = timed(lambda: semantic.rank(store, query, limit=20))
         brute = max(
             (float(v @ query), p)
@@ -154,7 +149,7 @@ def main() -> None:
         )
         assert top[0][0] == brute[1] and abs(top[0][1] - brute[0]) < 1e-5, (top[0], brute)
         print(f"rank top 20, nothing cached:        {cold}  (reads library + vectors)")
-        print(f"rank top 20, library cached:        {vectors_cold}  (reads the vectors)")
+        print(f"rank top 20, candidates cached:     {vectors_cold}  (reads the vectors)")
         print(f"rank top 20, all cached:            {warm}")
         figure, _ = timed(lambda: semantic.rank(store, query, limit=20, model="m"))
         print(f"rank, --model (half the library):   {figure}  (first time)")
@@ -185,15 +180,15 @@ def main() -> None:
 
 
 def _all(store: Store) -> tuple[list[str], np.ndarray]:
-    paths, ids = semantic._candidates(semantic._library(store), None, None)
+    found = semantic.candidates(store)
     vectors = semantic.stored_vectors(store, DIM)
-    return paths, vectors.matrix[np.searchsorted(vectors.ids, ids)]
+    return found.paths, vectors.matrix[[vectors.row_of[h] for h in found.hashes]]
 
 
 def _texts(count: int) -> list[str]:
     rng = random.Random(3)
     texts = [
-        semantic.annotation_text(
+        semantic.embedding_text(
             rng.sample(WORDS, 8), " ".join(rng.choices(WORDS, k=rng.randint(8, 40))) + "."
         )
         for _ in range(count)

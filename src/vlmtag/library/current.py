@@ -307,22 +307,21 @@ class Selection:
     language: str | None = None
     model: str | None = None
 
-    def sql(self) -> tuple[str, dict[str, str]]:
-        """A query of (id, content_id): one keyword set per content."""
+    def where(self, alias: str = "s") -> tuple[str, dict[str, str]]:
+        """A condition on keyword_sets AS alias that holds for one set per content."""
         params = {"sel_language": self.language or "", "sel_model": self.model or ""}
         if self.model is None and self.language is None:
-            return "SELECT id, content_id FROM keyword_sets WHERE newest = 1", params
+            return f"{alias}.newest = 1", params
         if self.model is None:
             return (
-                "SELECT id, content_id FROM keyword_sets "
-                "WHERE newest_in_language = 1 AND language = :sel_language",
+                f"{alias}.newest_in_language = 1 AND {alias}.language = :sel_language",
                 params,
             )
         language = "AND language = :sel_language" if self.language is not None else ""
         return (
-            "SELECT id, content_id FROM (SELECT id, content_id, row_number() OVER ("
+            f"{alias}.id IN (SELECT id FROM (SELECT id, row_number() OVER ("
             "PARTITION BY content_id ORDER BY created_at DESC, annotation_id DESC) AS rank "
-            f"FROM keyword_sets WHERE model = :sel_model {language}) WHERE rank = 1",
+            f"FROM keyword_sets WHERE model = :sel_model {language}) WHERE rank = 1)",
             params,
         )
 
@@ -363,13 +362,14 @@ def views(
     path_prefix: str | None = None,
 ) -> Iterator[ImageView]:
     """Each present file (under path_prefix) with its chosen keyword set, by path."""
-    chosen, params = selection.sql()
+    chosen, params = selection.where("s")
     under, under_params = under_clause("f.path", path_prefix)
-    cursor = conn.execute(
-        f"WITH chosen AS ({chosen}) SELECT {_VIEW_COLUMNS} FROM files f "
-        "JOIN chosen c ON c.content_id = f.content_id JOIN keyword_sets s ON s.id = c.id "
-        f"LEFT JOIN images i ON i.content_id = f.content_id WHERE f.present = 1 {under} "
-        "ORDER BY f.path",
+    cursor = conn.cursor()
+    cursor.row_factory = None  # plain tuples: this is every image of the library
+    cursor.execute(
+        f"SELECT {_VIEW_COLUMNS} FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
+        f"LEFT JOIN images i ON i.content_id = f.content_id WHERE f.present = 1 AND {chosen} "
+        f"{under} ORDER BY f.path",
         {**params, **under_params},
     )
     while True:
@@ -398,10 +398,12 @@ def _view(row: tuple) -> ImageView:
 def _with_keywords(conn: sqlite3.Connection, found: list[ImageView]) -> Iterator[ImageView]:
     ids = sorted({v.set_id for v in found})
     keywords: dict[int, list[Keyword]] = {}
+    cursor = conn.cursor()
+    cursor.row_factory = None
     for start in range(0, len(ids), READ_CHUNK):
         chunk = ids[start : start + READ_CHUNK]
         marks = ",".join("?" * len(chunk))
-        for set_id, text, source, confidence in conn.execute(
+        for set_id, text, source, confidence in cursor.execute(
             f"SELECT set_id, keyword, source, confidence FROM set_keywords "
             f"WHERE set_id IN ({marks}) ORDER BY set_id, position",
             chunk,
@@ -423,19 +425,17 @@ def keyword_counts(
 ) -> list[KeywordCount]:
     """Keywords by how many present files have them, most used first; spellings of one
     keyword count together, shown as a person wrote it where one did."""
-    chosen, params = selection.sql()
-    # CROSS JOIN fixes the loop order: the chosen sets first, then their keywords by the
-    # primary key. Left to itself SQLite walks keywords by key and looks up every row.
+    chosen, params = selection.where("s")
+    # One pass over the chosen sets: each with its files on disk (by index) and its keywords
+    # (by primary key). A join to a CTE of the chosen sets would scan it once per row.
     rows = conn.execute(
         f"""
-        WITH chosen AS MATERIALIZED ({chosen}),
-        live AS MATERIALIZED (
-            SELECT content_id, count(*) AS n FROM files WHERE present = 1 GROUP BY content_id
-        )
-        SELECT k.key, k.keyword, k.source, sum(live.n)
-        FROM chosen c
-        CROSS JOIN live ON live.content_id = c.content_id
-        CROSS JOIN set_keywords k ON k.set_id = c.id
+        SELECT k.key, k.keyword, k.source, sum(f.n)
+        FROM keyword_sets s
+        CROSS JOIN (SELECT content_id, count(*) AS n FROM files WHERE present = 1
+                    GROUP BY content_id) f ON f.content_id = s.content_id
+        CROSS JOIN set_keywords k ON k.set_id = s.id
+        WHERE {chosen}
         GROUP BY k.key, k.keyword, k.source
         """,
         params,

@@ -287,17 +287,19 @@ def search(
 ) -> list[Hit]:
     """Present files whose current keywords or description match query, best first, each once."""
     match = compile_query(query)
-    chosen, params = Selection(language, model).sql()
+    chosen, params = Selection(language, model).where("ks")
     under, under_params = under_clause("f.path", path_prefix)
     # The rank column (bm25 with the weights) is read once per row; sorting and keeping each
-    # file's best row happen in Python: SQLite's GROUP BY and ORDER BY cost more here.
+    # file's best row happen in Python: SQLite's GROUP BY and ORDER BY cost more here. CROSS
+    # JOIN keeps the full-text match first: else SQLite may walk the chosen sets and run the
+    # match once for each of them.
     sql = f"""
-        WITH chosen AS ({chosen})
-        SELECT f.path, s.rank, c.id
+        SELECT f.path, s.rank, ks.id
         FROM search_index s
-        JOIN chosen c ON c.id = s.rowid
-        JOIN files f ON f.content_id = c.content_id
-        WHERE search_index MATCH :match AND s.rank MATCH '{RANK}' AND f.present = 1 {under}
+        CROSS JOIN keyword_sets ks ON ks.id = s.rowid
+        CROSS JOIN files f ON f.content_id = ks.content_id
+        WHERE search_index MATCH :match AND s.rank MATCH '{RANK}' AND f.present = 1
+          AND {chosen} {under}
     """
     cursor = store.conn.cursor()
     cursor.row_factory = None  # plain tuples: this can be every row of the library

@@ -210,6 +210,9 @@ class _Cache:
     candidates: dict[tuple, _Candidates] = field(default_factory=dict)
     vectors: _Vectors | None = None
     unsaved: dict[str, np.ndarray] = field(default_factory=dict)  # read-only store: in memory
+    stored: tuple[tuple, set[str]] | None = None  # (change key, text hashes with a vector)
+    # candidates -> (which of them have a vector, their rows in the matrix), per the two keys
+    aligned: dict[tuple, tuple[tuple, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
 
 # What was read from each open Store, dropped with it. Valid while its key holds: the connection's
@@ -240,13 +243,13 @@ def candidates(
     memo = cache.candidates.get(memo_key)
     if memo is not None and memo.key == key:
         return memo
-    chosen, params = Selection(language, model).sql()
+    chosen, params = Selection(language, model).where("s")
     under, under_params = under_clause("f.path", path_prefix)
     empty = index_hash_of_nothing()
     rows = store.conn.execute(
-        f"WITH chosen AS ({chosen}) SELECT f.path, s.text_hash, s.id FROM files f "
-        "JOIN chosen c ON c.content_id = f.content_id JOIN keyword_sets s ON s.id = c.id "
-        f"WHERE f.present = 1 AND s.text_hash != :empty {under}",
+        "SELECT f.path, s.text_hash, s.id FROM files f "
+        "JOIN keyword_sets s ON s.content_id = f.content_id "
+        f"WHERE f.present = 1 AND {chosen} AND s.text_hash != :empty {under}",
         {**params, **under_params, "empty": empty},
     ).fetchall()
     memo = _Candidates(
@@ -305,10 +308,14 @@ def update_embeddings(
 
 
 def _stored_hashes(store: Store) -> set[str]:
-    rows = store.conn.execute(
-        "SELECT text_hash FROM embeddings WHERE model = ?", (EMBEDDING_MODEL,)
-    )
-    return {r[0] for r in rows}
+    cache = _caches.setdefault(store, _Cache())
+    key = _change_key(store)
+    if cache.stored is None or cache.stored[0] != key:
+        rows = store.conn.execute(
+            "SELECT text_hash FROM embeddings WHERE model = ?", (EMBEDDING_MODEL,)
+        )
+        cache.stored = (key, {r[0] for r in rows})
+    return cache.stored[1]
 
 
 def _texts(store: Store, todo: dict[str, int]) -> dict[str, str]:
@@ -389,15 +396,30 @@ def rank(
     vectors = stored_vectors(store, len(query_vector))
     if not found.paths or not vectors.row_of or limit < 1:
         return []
-    where = [i for i, digest in enumerate(found.hashes) if digest in vectors.row_of]
-    if not where:
+    where, rows = _aligned(store, (model, language, path_prefix), found, vectors)
+    if not len(where):
         return []
-    rows = np.array([vectors.row_of[found.hashes[i]] for i in where], dtype=np.int64)
     scores = (vectors.matrix @ query_vector.astype(np.float32))[rows]
     k = min(limit, len(scores))
     best = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(k)
     ordered = sorted(best.tolist(), key=lambda i: (-scores[i], found.paths[where[i]]))
     return [(found.paths[where[i]], float(scores[i])) for i in ordered]
+
+
+def _aligned(store: Store, memo_key: tuple, found: _Candidates, vectors: _Vectors):
+    """Which candidates have a vector, and its row: worked out once per change, not per query."""
+    cache = _caches.setdefault(store, _Cache())
+    keys = (found.key, vectors.key)
+    held = cache.aligned.get(memo_key)
+    if held is not None and held[0] == keys:
+        return held[1], held[2]
+    row_of = vectors.row_of
+    where = np.array([i for i, digest in enumerate(found.hashes) if digest in row_of], np.int64)
+    rows = np.array([row_of[found.hashes[i]] for i in where], dtype=np.int64)
+    if len(cache.aligned) >= CANDIDATE_MEMOS:
+        cache.aligned.clear()
+    cache.aligned[memo_key] = (keys, where, rows)
+    return where, rows
 
 
 def semantic_search(

@@ -25,7 +25,10 @@ def safe_cell(value: str) -> str:
 
 
 def to_json(record: dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False).translate(_JSON_LINE_BREAKS)
+    text = json.dumps(record, ensure_ascii=False)
+    if text.isascii():  # nearly always: nothing to escape
+        return text
+    return text.translate(_JSON_LINE_BREAKS)
 
 
 class JsonLines:
