@@ -354,7 +354,6 @@ class Pipeline:
 
     async def _deliver(self, f: scan.FileStat, future, window: asyncio.Semaphore) -> None:
         started = time.perf_counter()
-        content_id = None
         try:
             try:
                 got: _Prepared = await future
@@ -381,11 +380,10 @@ class Pipeline:
                 try:
                     queued = await self.dispatcher.put(work)
                 except asyncio.CancelledError:
-                    queued = False
+                    self._unsent(work)
                     raise
-                finally:
-                    if not queued:
-                        self._unsent(work)
+                if not queued:
+                    self._unsent(work)
         finally:
             window.release()
 
