@@ -8,6 +8,7 @@ end to end into a real SQLite file. Nothing is mocked; the model runs on the CPU
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -428,3 +429,19 @@ def test_cli_tags_a_folder_with_the_builtin_backend(photos_dir, tmp_path):
     for name, size in sizes.items():
         with Image.open(folder / name) as im:
             assert size == im.size
+
+
+def test_a_rerun_with_nothing_to_do_never_loads_torch(photos_dir, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos_dir / "coffee.jpg", folder / "coffee.jpg")
+    db = tmp_path / "vlmtag.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    command = [sys.executable, "-X", "importtime", "-m", "vlmtag", "tag", str(folder)]
+    command += ["--backend", "builtin", "--db", str(db), "--json"]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert json.loads(first.stdout)["tagged"] == 1 and json.loads(again.stdout)["skipped"] == 1
+    imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines()}
+    assert "torch" in {line.rsplit("|", 1)[-1].strip() for line in first.stderr.splitlines()}
+    assert "torch" not in imported and "PIL.Image" in imported

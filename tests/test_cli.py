@@ -399,3 +399,26 @@ def test_every_command_has_help_and_is_in_the_readme():
         assert f"vlmtag {name}" in readme, f"README does not show `vlmtag {name}`"
     for flag in ("--workers", "--resize", "--preset", "--language", "--retry-failed", "--embed"):
         assert flag in readme, flag
+
+
+def test_failures_of_a_redo_are_listed_until_answered_or_retried(tmp_path, server):
+    """A --force redo that fails keeps the older answer; its failures are to-dos until a
+    rerun skips those images as answered, or --retry-failed asks again."""
+    pics = tmp_path / "pics"
+    paint_folder(pics, 4)
+    db = tmp_path / "v.db"
+    tag = ("tag", str(pics), "--api-base", server.url, "--json")
+    assert vlmtag(*tag, db=db).returncode == 0
+    redo = vlmtag(*tag, "--force", "--max-pixels", "1000", db=db)
+    assert redo.returncode == 1 and json.loads(redo.stdout)["failed"] == 4
+    assert len(json.loads(vlmtag("failures", "--json", db=db).stdout)) == 4
+    assert len(exported(db)) == 4  # the older answers stay
+    plain = vlmtag(*tag, db=db)
+    assert plain.returncode == 0 and json.loads(plain.stdout)["skipped"] == 4
+    assert json.loads(vlmtag("failures", "--json", db=db).stdout) == []
+    assert vlmtag(*tag, "--force", "--max-pixels", "1000", db=db).returncode == 1
+    sent = chat_requests(server)
+    retried = vlmtag(*tag, "--retry-failed", db=db)
+    assert retried.returncode == 0 and json.loads(retried.stdout)["tagged"] == 4
+    assert chat_requests(server) == sent + 4
+    assert json.loads(vlmtag("failures", "--json", db=db).stdout) == []

@@ -12,6 +12,7 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -259,3 +260,130 @@ def test_images_of_a_slow_server_that_dies_after_the_fast_one_finished_are_still
     assert_accounted(result, expected, tmp_path / "v.db")
     assert (result.found, result.tagged, result.failed) == (12, 12, 0)
     assert slow.calls == 2 and fast.answered == 12
+
+
+# ---- what the review found: each an image without an outcome, or a hang --------------------
+
+
+def test_answers_asked_again_during_the_grace_period_still_end_somewhere(tmp_path):
+    expected = paint(tmp_path / "pics", 40)
+    control = Control()
+
+    def script(n: int) -> str:
+        if n == 6:
+            control.stop()
+        return "garbage"  # every answer is asked again, some after the stop
+
+    server = StubServer("s", script, latency=0.02, slots=4)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [server], control=control)
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.status == "interrupted" and result.left > 0
+
+
+def test_a_progress_hook_that_raises_loses_no_image(tmp_path):
+    expected = paint(tmp_path / "pics", 20)
+
+    class Broken:
+        def start(self, total):
+            raise RuntimeError("the caller's bar is broken")
+
+        def advance(self, outcome, n=1):
+            raise RuntimeError("still broken")
+
+        def close(self):
+            raise RuntimeError("broken to the end")
+
+    async def go():
+        store = Store.open(tmp_path / "v.db")
+        try:
+            pipeline = Pipeline(store, [StubServer("s")], options(), progress=Broken())
+            return await pipeline.run([str(tmp_path / "pics")])
+        finally:
+            store.close()
+
+    result = asyncio.run(asyncio.wait_for(go(), 60))
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert (result.tagged, result.status) == (20, "done")
+
+
+def test_a_cancelled_run_is_recorded_as_interrupted(tmp_path):
+    paint(tmp_path / "pics", 40)
+
+    async def go():
+        store = Store.open(tmp_path / "v.db")
+        try:
+            pipeline = Pipeline(store, [StubServer("s", latency=0.05, slots=1)], options())
+            task = asyncio.create_task(pipeline.run([str(tmp_path / "pics")]))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            store.close()
+
+    asyncio.run(go())
+    _, _, status = stored(tmp_path / "v.db")
+    assert status == "interrupted"
+
+
+def test_in_process_backends_get_whole_batches(tmp_path):
+    expected = paint(tmp_path / "pics", 64)
+
+    class Batching(StubServer):
+        wants_pixels = True
+        batch_size = 16
+
+        def __init__(self):
+            super().__init__("batching")
+            self.sizes: list[int] = []
+
+        async def infer_batch(self, images, request):
+            self.sizes.append(len(images))
+            await asyncio.sleep(0.05)  # a batch takes a while: the queue fills meanwhile
+            return await super().infer_batch(images, request)
+
+    backend = Batching()
+    result = run(tmp_path / "v.db", tmp_path / "pics", [backend])
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert max(backend.sizes) == 16 and len(backend.sizes) <= 8, backend.sizes
+
+
+def test_a_stop_from_another_thread_wakes_the_run_at_once(tmp_path):
+    import threading
+    import time
+
+    paint(tmp_path / "pics", 30)
+    control = Control()
+    server = StubServer("slow", "hang", slots=2, timeout=30)  # answers after 30 s, or never
+    threading.Timer(0.5, control.hurry).start()  # a web request handler, say
+    started = time.monotonic()
+    result = run(tmp_path / "v.db", tmp_path / "pics", [server], control=control)
+    assert time.monotonic() - started < 10
+    assert result.status == "interrupted" and result.balanced
+
+
+def test_a_copy_of_an_unreadable_file_is_read_and_tagged_itself(tmp_path):
+    import json
+    import shutil
+    import tempfile
+
+    from unprivileged import as_unprivileged
+
+    folder = Path(tempfile.mkdtemp(prefix="vlmtag-copy-"))  # nobody can reach it
+    try:
+        folder.chmod(0o777)
+        expected = paint(folder / "pics", 1, copies=1)
+        (folder / "pics").chmod(0o777)
+        locked, readable = sorted(expected)  # img0000 first, then its copy
+        Path(locked).chmod(0o000)
+
+        def child() -> str:
+            result = run(folder / "v.db", folder / "pics", [StubServer("s")])
+            return json.dumps(result.summary())
+
+        summary = json.loads(as_unprivileged(child))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert (summary["tagged"], summary["failed"], summary["duplicates"]) == (1, 1, 0)
+    assert summary["failures"][0]["path"] == locked
+    assert summary["failures"][0]["stage"] == "read"

@@ -87,6 +87,8 @@ def test_tag_filter_matches_whole_tags_only(english):
         ("cat and dog", {"e.jpg"}),  # lower-case "and" is a word ("A cat and a dog")
         ("cat OR leaf", {"a.jpg", "b.jpg", "c.jpg", "e.jpg"}),
         ("cat NOT dog", {"a.jpg"}),
+        ("cat AND NOT dog", {"a.jpg"}),
+        ("(cat OR leaf) AND NOT dog", {"a.jpg", "c.jpg"}),
         ("NOT dog cat", {"a.jpg"}),
         ("(cat OR caterpillar) NOT tag:dog", {"a.jpg", "c.jpg"}),
         ("cat NOT (sofa OR lawn)", set()),

@@ -281,3 +281,25 @@ def test_a_read_only_database_opens_read_only_and_says_so_when_written(tmp_path)
         shutil.rmtree(folder)
     assert out.startswith("True [['cat']]"), out
     assert "read-only" in out
+
+
+def test_schema_3_renamed_model_tags_stay_the_models(tmp_path):
+    """Schema 3 marked a tag renamed by `tags rename` as 'human': it was the model's word."""
+    path = tmp_path / "old.db"
+    _schema_3(path)
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO tag_edits (action, old, new, created_at) "
+        "VALUES ('rename', 'kitty', 'cat', 'x')"
+    )
+    conn.execute("UPDATE tags SET source = 'human' WHERE tag = 'cat'")
+    conn.commit()
+    conn.close()
+    s = Store.open(path)
+    try:
+        keywords = [(k.text, k.source) for k in next(current.views(s.conn)).keywords]
+        assert keywords == [("cat", "model"), ("grandma", "person")]
+        decided = [r[0] for r in s.conn.execute("SELECT keyword FROM decisions")]
+        assert decided == ["grandma"]
+    finally:
+        s.close()

@@ -179,6 +179,42 @@ def test_renames_carry_the_keywords_people_gave_along(lib):
     assert lib.tags("b.jpg") == []  # rejected as kitty: stays away as cat
     lib.add("b.jpg", ["kitty", "tree"])  # the model again
     assert lib.tags("b.jpg") == ["tree"]
+    # Undo takes back what the person did (the rejection on b), not the rename's own part.
+    [undone] = decisions.undo(lib.store)
+    assert (undone.action, undone.keyword) == ("reject", "kitty")
+    assert lib.tags("a.jpg") == ["sofa", "cat"]
+    vocab.rename(lib.store, "cat", "kitty")  # a rename is taken back by renaming back
+    assert lib.tags("a.jpg") == ["sofa", "kitty"]
+
+
+def test_undoing_a_keyword_a_rename_carried_undoes_what_it_carried(lib):
+    lib.add("a.jpg", ["sofa"])
+    lib.decide("a.jpg", "add", ["kitty"])
+    vocab.rename(lib.store, "kitty", "cat")
+    assert lib.tags("a.jpg") == ["sofa", "cat"]
+    [undone] = decisions.undo(lib.store)
+    assert (undone.action, undone.keyword) == ("add", "kitty")  # the person's own decision
+    assert lib.tags("a.jpg") == ["sofa"]  # and what the rename made of it is gone too
+
+
+def test_an_add_for_every_language_after_a_reject_in_one_is_recorded(lib):
+    lib.add("a.jpg", ["sofa"])
+    content = decisions.content_of(lib.store, "/lib/a.jpg")
+    assert decisions.decide_keywords(lib.store, [content], "add", ["Felix"]) == 1
+    assert decisions.decide_keywords(lib.store, [content], "reject", ["Felix"], language="en") == 1
+    assert "Felix" not in lib.tags("a.jpg")
+    assert decisions.decide_keywords(lib.store, [content], "add", ["Felix"]) == 1  # not a repeat
+    assert "Felix" in lib.tags("a.jpg")
+
+
+def test_vocabulary_edits_reach_keywords_a_model_would_write_otherwise(lib):
+    lib.add("a.jpg", ["c", "code"])  # a model writes "C#" as "c"
+    lib.decide("a.jpg", "add", ["C#"])
+    assert lib.tags("a.jpg") == ["c", "code", "C#"]
+    vocab.rename(lib.store, "C#", "CSharp")
+    assert lib.tags("a.jpg") == ["CSharp", "code"]  # the model's and the person's both
+    vocab.drop(lib.store, "CSharp")
+    assert lib.tags("a.jpg") == ["code"]
 
 
 def test_merge_and_drop(lib):
@@ -224,7 +260,7 @@ def test_add_and_remove_by_hand(lib):
     assert lib.tags("a.jpg") == ["dog", "cat", "grandma"]
     lib.add("a.jpg", ["sofa", "nope"], model="other")  # another model: decisions stay
     assert lib.tags("a.jpg") == ["cat", "grandma"]
-    with pytest.raises(UsageError, match="not in the database"):
+    with pytest.raises(UsageError, match="does not exist"):
         decisions.content_of(lib.store, "/lib/missing.jpg")
     with pytest.raises(UsageError, match="comma"):
         lib.decide("a.jpg", "add", ["a, b"])
@@ -300,7 +336,7 @@ def test_cli_vocabulary_edits_survive_force_and_apply_to_later_runs(tmp_path):
         added = vlmtag("tags", "add", paths["red"], "grandma", db=db)
         assert added.returncode == 0, added.stderr
         removed = vlmtag("tags", "remove", paths["green"], "green", db=db)
-        assert "removed 1 tags" in removed.stdout
+        assert "removed 1 keyword from" in removed.stdout
 
         red_fp = fingerprint_for_rgb(TEST_COLOURS["red"])
         assert stored_tags(db, paths["red"]) == [red_fp, "plain", "grandma"]
@@ -334,7 +370,7 @@ def test_cli_merge_apply_and_usage_errors(tmp_path):
     rules = tmp_path / "rules.txt"
     rules.write_text("primary => colourful\n-solid colour\n", encoding="utf-8")
     out = vlmtag("tags", "apply", str(rules), db=db)
-    assert out.returncode == 0 and "1 renames and 1 drops" in out.stdout
+    assert out.returncode == 0 and "1 rename and 1 drop" in out.stdout
     counts = {r["tag"]: r["count"] for r in json.loads(vlmtag("tags", "--json", db=db).stdout)}
     assert counts["colourful"] == 2 and "solid colour" not in counts
 

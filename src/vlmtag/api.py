@@ -29,6 +29,7 @@ from vlmtag.library.rows import FileSeen
 from vlmtag.output import formats
 from vlmtag.output.files import Outcome, Placement, common_folder, export_files
 from vlmtag.output.records import record
+from vlmtag.text import keyword_key, person_keyword
 
 
 @dataclass
@@ -39,7 +40,8 @@ class ImageRecord:
     content_id: str
     present: bool
     other_paths: list[str]
-    sets: list[ImageView]  # current keyword sets, the default one first
+    chosen: ImageView | None  # its current keywords, as every reader chooses them
+    sets: list[ImageView]  # every current keyword set, the chosen one first
     annotations: list[dict[str, Any]]  # what each model said, newest first
     decisions: list[Decision] = field(default_factory=list)
 
@@ -116,6 +118,7 @@ class Library:
 
     def selection(self, *, language: str | None = None, model: str | None = None) -> Selection:
         """Which keyword set of each image to read; UsageError when it matches nothing."""
+        language = _language(language)
         for column, value, flag in (
             ("language", language, "--language"),
             ("model", model, "--model"),
@@ -140,21 +143,22 @@ class Library:
         selection = self.selection(language=language, model=model)
         return current.views(self.store.conn, selection, path_prefix=_prefix(folder))
 
-    def image(self, path: str) -> ImageRecord:
+    def image(
+        self, path: str, *, language: str | None = None, model: str | None = None
+    ) -> ImageRecord:
         """Everything stored for one file; UsageError if it is not in the library."""
         path = os.path.abspath(os.path.expanduser(path))
+        content = decisions.content_of(self.store, path)
         row = self.store.file_row(path)
-        if row is None:
-            raise UsageError(
-                f"{path} is not in the database; tag it first with `vlmtag tag {path}`"
-            )
-        content = row["content_id"]
+        selection = Selection(_language(language), model)
+        chosen, sets = current.sets_of_content(self.store.conn, content, selection)
         return ImageRecord(
             path=path,
             content_id=content,
             present=bool(row["present"]),
             other_paths=[p for p in self.store.paths_of(content) if p != path],
-            sets=current.sets_of_content(self.store.conn, content),
+            chosen=chosen,
+            sets=sets,
             annotations=self.store.annotations_of(content),
             decisions=decisions.history(self.store, content),
         )
@@ -170,16 +174,11 @@ class Library:
         details: bool = False,
     ) -> list[search.Hit]:
         """Files whose current keywords or description match query (see library/search.py)."""
-        self.selection(language=language, model=model)
+        chosen = self.selection(language=language, model=model)
         return search.search(
-            self.store,
-            query,
-            language=language,
-            model=model,
-            path_prefix=folder,
-            limit=limit,
-            details=details,
-        )
+            self.store, query, language=chosen.language, model=chosen.model,
+            path_prefix=folder, limit=limit, details=details,
+        )  # fmt: skip
 
     def search_meaning(
         self, query: str, *, model: str | None = None, folder: str | None = None, limit: int = 20
@@ -196,6 +195,13 @@ class Library:
         selection = self.selection(language=language, model=model)
         return current.keyword_counts(self.store.conn, selection, limit=limit)
 
+    def known_languages(self) -> list[str]:
+        """The languages images have keywords in."""
+        return current.known(self.store.conn, "language")
+
+    def known_models(self) -> list[str]:
+        return current.known(self.store.conn, "model")
+
     def failures(self) -> list[dict[str, Any]]:
         return self.store.failures()
 
@@ -204,19 +210,32 @@ class Library:
 
     # ---- people's decisions --------------------------------------------------------------
 
-    def add_keywords(self, paths: Iterable[str], keywords: Iterable[str], **how: Any) -> int:
-        """Add keywords to images by hand, as typed; no later run removes them."""
-        return decisions.decide_keywords(self.store, self._contents(paths), "add", keywords, **how)
-
-    def reject_keywords(self, paths: Iterable[str], keywords: Iterable[str], **how: Any) -> int:
-        """Reject keywords on images; no model brings them back."""
+    def add_keywords(
+        self, paths: Iterable[str], keywords: Iterable[str], *, language: str | None = None
+    ) -> int:
+        """Add keywords to images by hand, as typed; no later run removes them. They hold in
+        every language unless one is named. Returns how many decisions were recorded."""
         return decisions.decide_keywords(
-            self.store, self._contents(paths), "reject", keywords, **how
+            self.store, self._contents(paths), "add", keywords, language=_scope(language)
         )
 
-    def describe(self, paths: Iterable[str], text: str, **how: Any) -> int:
+    def reject_keywords(
+        self, paths: Iterable[str], keywords: Iterable[str], *, language: str | None = None
+    ) -> int:
+        """Reject keywords on images; no model brings them back. Returns how many the images
+        showed (the others are rejected all the same, should a model say them later)."""
+        contents = self._contents(paths)
+        words = list(keywords)
+        keys = {keyword_key(person_keyword(w)) for w in words}
+        showing = sum(len(keys & current.keys_of(self.store.conn, c)) for c in contents)
+        decisions.decide_keywords(self.store, contents, "reject", words, language=_scope(language))
+        return showing
+
+    def describe(self, paths: Iterable[str], text: str, *, language: str | None = None) -> int:
         """A person's description of images; it wins over every model's."""
-        return decisions.describe(self.store, self._contents(paths), text, **how)
+        return decisions.describe(
+            self.store, self._contents(paths), text, language=_scope(language)
+        )
 
     def undo(self, path: str | None = None, count: int = 1) -> list[Decision]:
         """Take back the last decisions (on one image, if given)."""
@@ -366,6 +385,20 @@ class _Identity:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _language(language: str | None) -> str | None:
+    """A language as the database keeps it ("zh_CN" -> "zh"); UsageError if unknown."""
+    if language is None:
+        return None
+    from vlmtag.models.prompts import resolve_language
+
+    return resolve_language(language)
+
+
+def _scope(language: str | None) -> str:
+    """Where a decision holds: a language, or every language ('')."""
+    return _language(language) or ALL_LANGUAGES
 
 
 def _prefix(folder: str | None) -> str | None:

@@ -36,6 +36,13 @@ class ImageError(Exception):
     stage = "decode"
 
 
+class ReadError(ImageError):
+    """A file cannot be opened or read, or is not what a picture could be: it is about the
+    file, not the picture (a copy of it elsewhere may read fine)."""
+
+    stage = "read"
+
+
 class InferenceError(Exception):
     """One request to a model failed.
 

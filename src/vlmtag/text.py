@@ -138,8 +138,8 @@ def keyword_key(keyword: str) -> str:
 def match_key(word: str) -> str:
     """The key a vocabulary rule's word matches: the word as a model's keyword would be written
     (quotes, '#' and case gone), so "#Out of focus" in a rules file meets "out of focus"."""
-    tags = normalise_tags([word], limit=1)
-    return keyword_key(tags[0] if tags else word)
+    tag = _normalise_tag(word)  # one tag: "rock;roll" is not split into two here
+    return keyword_key(tag or word)
 
 
 def display_path(path: str) -> str:
@@ -152,7 +152,8 @@ def display_path(path: str) -> str:
         return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def one_line(text: str, limit: int = 300) -> str:
-    """Text as one line of at most `limit` characters, for messages and stored reasons."""
+def one_line(text: str, limit: int | None = 300) -> str:
+    """Text as one tidy line (controls out, every run of white space or line breaks one
+    space) of at most `limit` characters: messages, stored reasons, captions (no limit)."""
     flat = " ".join(remove_controls(fix_surrogates(str(text))).split())
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+    return flat if limit is None or len(flat) <= limit else flat[: limit - 3] + "..."

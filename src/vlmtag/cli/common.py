@@ -44,6 +44,12 @@ def friendly_errors(f):
             fail(str(store_error(_db_of(kwargs), exc)), EXIT_USAGE)
         except KeyboardInterrupt:
             fail("interrupted", EXIT_INTERRUPTED)
+        except ModuleNotFoundError as exc:  # run with a Python that has not got the deps
+            fail(
+                f"a module vlmtag needs is not installed ({exc.name}); install vlmtag with "
+                "pip install -e . (or its extra), or run it with the Python it is installed in",
+                EXIT_USAGE,
+            )
         except BrokenPipeError:
             _quiet_exit()
         except Exception as exc:  # noqa: BLE001 - the last resort: a bug, in one line
@@ -89,6 +95,11 @@ def _quiet_exit() -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     sys.exit(EXIT_OK)
+
+
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """ "1 keyword", "2 keywords" (or the `many` form given)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
 
 
 def db_option(f):

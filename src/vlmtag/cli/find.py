@@ -19,12 +19,16 @@ from vlmtag.cli.common import (
     language_code,
     language_option,
     open_library,
+    plural,
 )
 
 SEMANTIC_LIMIT = 20  # meaning-based search ranks every image: show the best few by default
 SCOPE_HELP = (
     "Only for keywords in this language (en, zh, ...). Default: every language, as a name "
     "like Felix is the same in all of them."
+)
+DESCRIBE_LANGUAGE_HELP = (
+    "Only for the description in this language (en, zh, ...). Default: every language."
 )
 
 
@@ -135,7 +139,23 @@ def search(
         return
     echo_paths([h.path for h in hits], print0)
     if not hits:
-        click.echo(f"no images match {text!r}", err=True)
+        click.echo(f"no images match {text!r}" + _elsewhere(db, text, language, model), err=True)
+
+
+def _elsewhere(db: str | None, text: str, language: str | None, model: str | None) -> str:
+    """Where the query would match: the images' keywords in other languages than their
+    newest (a run in another language made that one newest)."""
+    if language is not None:
+        return ""
+    with open_library(db) as library:
+        found = [
+            other
+            for other in library.known_languages()
+            if library.search(text, language=other, model=model, limit=1)
+        ]
+    if not found:
+        return ""
+    return " in their newest language; try " + " or ".join(f"--language {x}" for x in found)
 
 
 def _semantic(library, text, model, prefix, limit, as_json, print0) -> None:
@@ -216,7 +236,7 @@ def rename(ctx: click.Context, old: str, new: str, db: str | None) -> None:
     """Rename keyword OLD to NEW on every image, and in later runs (NEW keeps its case)."""
     with _library(ctx, db) as library:
         changed = library.rename_keyword(old, new)
-    click.echo(f"renamed {old!r} to {new!r} on {changed} images; later runs do the same")
+    click.echo(f"renamed {old!r} to {new!r} on {plural(changed, 'image')}; later runs do the same")
 
 
 @tags.command()
@@ -231,7 +251,7 @@ def merge(ctx: click.Context, words: tuple[str, ...], db: str | None) -> None:
     sources, target = words[:-2], words[-1]
     with _library(ctx, db) as library:
         changed = library.merge_keywords(sources, target)
-    click.echo(f"merged {', '.join(sources)} into {target!r} on {changed} images")
+    click.echo(f"merged {', '.join(sources)} into {target!r} on {plural(changed, 'image')}")
 
 
 @tags.command()
@@ -243,7 +263,7 @@ def drop(ctx: click.Context, tag: str, db: str | None) -> None:
     """Remove keyword TAG from every image, and from later runs."""
     with _library(ctx, db) as library:
         changed = library.drop_keyword(tag)
-    click.echo(f"dropped {tag!r} from {changed} images; later runs drop it too")
+    click.echo(f"dropped {tag!r} from {plural(changed, 'image')}; later runs drop it too")
 
 
 @tags.command("apply")
@@ -265,8 +285,8 @@ def apply_file(ctx: click.Context, file: str, db: str | None) -> None:
         edits, changed = library.apply_rules(file)
     drops = sum(e.action == DROP for e in edits)
     click.echo(
-        f"applied {len(edits) - drops} renames and {drops} drops from {file} "
-        f"to {changed} images; later runs follow them"
+        f"applied {plural(len(edits) - drops, 'rename')} and {plural(drops, 'drop')} from "
+        f"{file} to {plural(changed, 'image')}; later runs follow them"
     )
 
 
@@ -285,8 +305,8 @@ def add(ctx, path: str, tag_names: tuple[str, ...], db: str | None, language, mo
     a space. A keyword may not hold a comma or a line break (captions and CSV split there).
     """
     with _library(ctx, db) as library:
-        added = library.add_keywords([path], tag_names, language=language_code(language) or "")
-    click.echo(f"added {added} tags to {os.path.abspath(path)}")
+        added = library.add_keywords([path], tag_names, language=language_code(language))
+    click.echo(f"added {plural(added, 'keyword')} to {os.path.abspath(path)}")
 
 
 @tags.command()
@@ -299,8 +319,10 @@ def add(ctx, path: str, tag_names: tuple[str, ...], db: str | None, language, mo
 def remove(ctx, path: str, tag_names: tuple[str, ...], db: str | None, language) -> None:
     """Remove keywords from one image: they stay removed, whatever a model says later."""
     with _library(ctx, db) as library:
-        removed = library.reject_keywords([path], tag_names, language=language_code(language) or "")
-    click.echo(f"removed {removed} tags from {os.path.abspath(path)}")
+        removed = library.reject_keywords([path], tag_names, language=language_code(language))
+    absent = len(set(tag_names)) - removed
+    note = f"; {plural(absent, 'was', 'were')} not on it and will stay away" if absent > 0 else ""
+    click.echo(f"removed {plural(removed, 'keyword')} from {os.path.abspath(path)}{note}")
 
 
 @tags.command()
@@ -324,13 +346,14 @@ def undo(ctx, path: str | None, db: str | None, count: int) -> None:
 @click.argument("path", type=click.Path())
 @click.argument("text")
 @db_option
-@click.option("--language", default=None, metavar="CODE", help=SCOPE_HELP)
+@click.option("--language", default=None, metavar="CODE", help=DESCRIBE_LANGUAGE_HELP)
 @friendly_errors
 def describe(path: str, text: str, db: str | None, language: str | None) -> None:
     """Write the description of one image by hand; it wins over every model's, now and later.
 
-    `vlmtag tags undo PATH` takes it back.
+    An empty TEXT ("") means the image has no description. `vlmtag tags undo PATH` takes
+    it back, and the newest model's description shows again.
     """
     with open_library(db) as library:
-        library.describe([path], text, language=language_code(language) or "")
+        library.describe([path], text, language=language_code(language))
     click.echo(f"described {os.path.abspath(path)}")

@@ -86,7 +86,7 @@ MODEL_OPTIONS = [
         default=None,
         metavar="WxH",
         help="Fit images inside this box before sending (aspect kept, never upscaled): "
-        "512x512, 768, or none. Default 512x512.",
+        "512x512, 768, or none. Default 512x512. The builtin classifier uses its own size.",
     ),
     click.option(
         "--tag-count",

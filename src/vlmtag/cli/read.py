@@ -34,8 +34,8 @@ def show(path: str, db: str | None, language: str | None, as_json: bool) -> None
 
     language = language_code(language)
     with open_library(db) as library:
-        found = library.image(path)
-    chosen = _chosen(found.sets, language)
+        found = library.image(path, language=language)
+    chosen = found.chosen
     if as_json:
         echo_json(
             {
@@ -58,22 +58,18 @@ def show(path: str, db: str | None, language: str | None, as_json: bool) -> None
     if found.annotations:
         click.echo("  answers:")
     for a in found.annotations:
+        asked = _asked(a.get("params"))
         click.echo(
-            redact(f"    {a['model']} via {a['backend']} ({a['language']}, {a['created_at']}): ")
+            redact(f"    {a['model']} via {a['backend']} ({a['language']}{asked}, ")
+            + f"{a['created_at']}): "
             + ", ".join(a["tags"])
         )
     if found.decisions:
         click.echo("  decisions:")
     for d in found.decisions:
-        click.echo(f"    {d.created_at} {d.author}: {_decision_text(d)}")
+        click.echo(f"    #{d.id} {d.created_at} {d.author}: {_decision_text(d)}")
     for other in found.other_paths:
         click.echo(f"  same picture: {display_path(other)}")
-
-
-def _chosen(sets: list, language: str | None):
-    if language is None:
-        return sets[0] if sets else None
-    return next((s for s in sets if s.language == language), None)
 
 
 def _with_path(view, path: str):
@@ -90,6 +86,20 @@ def _echo_set(s, *, current: bool) -> None:
     if s.description:
         mark = " (written by a person)" if s.described_by == "person" else ""
         click.echo(f"    description{mark}: {s.description}")
+
+
+def _asked(params: dict[str, Any] | None) -> str:
+    """What an answer was asked for, from its run's settings: ", 20 tags, described"."""
+    if not params:
+        return ""
+    parts = []
+    if params.get("tag_count"):
+        parts.append(f"{params['tag_count']} tags")
+    if params.get("description") is not None:
+        parts.append("described" if params["description"] else "no description")
+    if params.get("resize"):
+        parts.append("x".join(map(str, params["resize"])))
+    return "".join(", " + p for p in parts)
 
 
 def _decision(d) -> dict[str, Any]:
@@ -110,16 +120,17 @@ def _decision_text(d) -> str:
     if d.action == "describe":
         return f"described it{where}: {d.description!r}"
     if d.action == "undo":
-        return f"undid decision {d.undoes}"
+        return f"undid #{d.undoes}"
     return f"{d.action} {d.keyword!r}{where}"
 
 
 @click.command()
 @db_option
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print every failure record as JSON.")
 @friendly_errors
 def failures(db: str | None, as_json: bool) -> None:
-    """List images that failed, with the stage and the reason. Retry: tag --retry-failed."""
+    """List images that failed, with the stage and the reason: one line per file, its latest
+    failure. Retry: tag --retry-failed (with the settings that failed)."""
     from vlmtag.text import display_path
 
     with open_library(db) as library:
@@ -129,7 +140,19 @@ def failures(db: str | None, as_json: bool) -> None:
     if as_json:
         echo_json(rows)
         return
+    latest: dict[str, dict[str, Any]] = {}
+    settings: dict[str, int] = {}
     for r in rows:
-        click.echo(redact(f"{r['path']}\t{r['stage']}\t{r['reason']}\t(attempts: {r['attempts']})"))
+        settings[r["path"]] = settings.get(r["path"], 0) + 1
+        if r["path"] not in latest or r["last_at"] > latest[r["path"]]["last_at"]:
+            latest[r["path"]] = r
+    for path, r in latest.items():
+        also = f"; under {settings[path]} settings, --json lists each" if settings[path] > 1 else ""
+        click.echo(
+            redact(
+                f"{path}\t{r['stage']}\t{r['reason']}\t({r['model']}, "
+                f"attempts: {r['attempts']}{also})"
+            )
+        )
     if not rows:
         click.echo("no failures", err=True)

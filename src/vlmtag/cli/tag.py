@@ -28,6 +28,14 @@ the servers went away or the database could not take the results; 2 usage or set
 130 interrupted (Ctrl-C, SIGTERM, SIGHUP): what was tagged is stored, rerun to go on."""
 
 
+# What the extra counts of a summary mean, said only for those that are there.
+SUMMARY_NOTES = {
+    "duplicates": "duplicates share one answer",
+    "left": "left: not reached before the run stopped; a rerun does them",
+    "missing": "missing: gone from disk, or moved (found again by content)",
+}
+
+
 @click.command(epilog=TAG_EPILOG)
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option(
@@ -122,12 +130,10 @@ def render_summary(s: dict[str, Any]) -> None:
     if s["tagged"] or s["failed"]:
         head += f" ({s['images_per_second']:.2f} images/s)"
     click.echo(f"{head} - {s['model']} via {s['backend']}")
-    extras = [f"{s[k]} {k}" for k in ("duplicates", "left", "missing") if s.get(k)]
+    extras = [k for k in SUMMARY_NOTES if s.get(k)]
     if extras:
-        click.echo(
-            "  " + ", ".join(extras) + " (duplicates share one answer; left: not reached before"
-            " the run stopped, a rerun does them; missing: gone from disk)"
-        )
+        counts = ", ".join(f"{s[k]} {k}" for k in extras)
+        click.echo(f"  {counts} ({'; '.join(SUMMARY_NOTES[k] for k in extras)})")
     click.echo(f"  {'stage':<8}{'total':>10}{'p50':>10}{'p95':>10}{'images':>8}")
     for stage, t in s["stages"].items():
         p50 = _secs(t["p50_s"]) if "p50_s" in t else ""

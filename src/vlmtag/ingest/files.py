@@ -14,7 +14,7 @@ import os
 import stat
 from typing import BinaryIO
 
-from vlmtag.errors import ImageError
+from vlmtag.errors import ReadError
 
 READ_CHUNK = 4 * 1024 * 1024
 _OPEN_FLAGS = (
@@ -32,17 +32,17 @@ def content_id(data: bytes) -> str:
 
 
 def open_regular(path: str) -> tuple[BinaryIO, os.stat_result]:
-    """The open file and its stat; ImageError if it cannot be opened or is not a regular file."""
+    """The open file and its stat; ReadError if it cannot be opened or is not a regular file."""
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as err:
-        raise ImageError(describe_os_error(err)) from None
+        raise ReadError(describe_os_error(err)) from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise ImageError("is a directory, not a file")
+            raise ReadError("is a directory, not a file")
         if not stat.S_ISREG(st.st_mode):
-            raise ImageError(
+            raise ReadError(
                 f"not a regular file but a {_kind(st.st_mode)} (was it swapped in after the "
                 "scan?); nothing was read from it"
             )
@@ -53,7 +53,7 @@ def open_regular(path: str) -> tuple[BinaryIO, os.stat_result]:
 
 
 def read_all(stream: BinaryIO, limit: int) -> bytes:
-    """Every byte from here to the end; ImageError once more than `limit` would be read."""
+    """Every byte from here to the end; ReadError once more than `limit` would be read."""
     chunks: list[bytes] = []
     total = 0
     try:
@@ -64,16 +64,16 @@ def read_all(stream: BinaryIO, limit: int) -> bytes:
             chunks.append(chunk)
             total += len(chunk)
             if total > limit:
-                raise ImageError(
+                raise ReadError(
                     f"the file grew past {limit // 2**20} MiB while it was read; "
                     "run again when it is written"
                 )
     except OSError as err:
-        raise ImageError(describe_os_error(err)) from None
+        raise ReadError(describe_os_error(err)) from None
 
 
 def read_file(path: str, limit: int = 2**40) -> bytes:
-    """All of a regular file's bytes (b"" when empty); ImageError when it cannot be read."""
+    """All of a regular file's bytes (b"" when empty); ReadError when it cannot be read."""
     stream, _ = open_regular(path)
     with stream:
         return read_all(stream, limit)

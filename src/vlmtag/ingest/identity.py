@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vlmtag.errors import ImageError
+from vlmtag.errors import ReadError
 from vlmtag.ingest.files import open_regular, read_all
 from vlmtag.ingest.imaging import DEFAULT_MAX_PIXELS, probe
 from vlmtag.ingest.scan import FileStat
@@ -75,23 +75,23 @@ def read_image(
     stream, st = open_regular(path)
     with stream:
         if st.st_size == 0:
-            raise ImageError("empty file (0 bytes); nothing to decode, check how it was copied")
+            raise ReadError("empty file (0 bytes); nothing to decode, check how it was copied")
         if st.st_size > max_bytes:
-            raise ImageError(
+            raise ReadError(
                 f"file of {_size(st.st_size)} is larger than any photo ({_size(max_bytes)} at "
                 "most); not read. Is it a video or an archive?"
             )
         width, height = probe(stream, max_pixels)
         plausible = width * height * BYTES_PER_PIXEL + SLACK_BYTES
         if st.st_size > plausible:
-            raise ImageError(
+            raise ReadError(
                 f"file of {_size(st.st_size)} for a {width}x{height} picture: far more than "
                 "its pixels need; not read. Is it a video or an archive named like an image?"
             )
         try:
             stream.seek(0)
         except OSError as err:
-            raise ImageError(f"cannot read the file again after its header ({err})") from None
+            raise ReadError(f"cannot read the file again after its header ({err})") from None
         return read_all(stream, max(st.st_size, plausible))
 
 

@@ -134,9 +134,10 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
     width, height = size
     # The guard runs on the header size, before a single pixel is decoded.
     if width * height > max_pixels:
+        size, limit = _sizes(width * height, max_pixels)
         raise ImageError(
-            f"image too large: {width}x{height} ({_mp(width * height)}) exceeds the"
-            f" {_mp(max_pixels)} limit; raise it with --max-pixels"
+            f"image too large: {width}x{height} ({size}) exceeds the {limit} limit;"
+            " raise it with --max-pixels"
         )
     return width, height
 
@@ -319,12 +320,22 @@ def _too_large_for_pillow(err: Exception, max_pixels: int) -> str:
     # Pillow's message carries the pixel count but not the sides: "Image size (N pixels) ...".
     found = re.search(r"\((\d+) pixels\)", str(err))
     pillow_limit = Image.MAX_IMAGE_PIXELS or max_pixels
-    size = _mp(int(found.group(1))) if found else f"over {_mp(2 * pillow_limit)}"
-    return (
-        f"image too large: {size} exceeds the {_mp(max_pixels)} limit; raise it with --max-pixels"
-    )
+    if found:
+        size, limit = _sizes(int(found.group(1)), max_pixels)
+    else:
+        size, limit = f"over {_mp(2 * pillow_limit)}", _mp(max_pixels)
+    return f"image too large: {size} exceeds the {limit} limit; raise it with --max-pixels"
+
+
+def _sizes(pixels: int, max_pixels: int) -> tuple[str, str]:
+    """An image's size and the limit it exceeds, never written alike ("12 MP exceeds 12 MP")."""
+    size, limit = _mp(pixels), _mp(max_pixels)
+    return (size, limit) if size != limit else (f"{pixels:,} pixels", f"{max_pixels:,}-pixel")
 
 
 def _mp(pixels: int) -> str:
+    """Megapixels with enough digits that a number just over a limit never reads as equal."""
     megapixels = pixels / 1_000_000
-    return f"{megapixels:.0f} MP" if megapixels >= 10 else f"{megapixels:.1f} MP"
+    if megapixels >= 10 and pixels % 1_000_000 == 0 or megapixels >= 100:
+        return f"{megapixels:.0f} MP"
+    return f"{megapixels:.3g} MP" if megapixels >= 1 else f"{pixels:,} pixels"

@@ -31,6 +31,11 @@ class FileStat:
     mtime_ns: int
 
 
+def inside(path: str, folder: str) -> bool:
+    """Whether path is folder or below it (/photos2 is not inside /photos)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 

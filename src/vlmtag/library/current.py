@@ -47,6 +47,7 @@ class Decision:
     key: str | None = None
     description: str | None = None
     undoes: int | None = None
+    follows: int | None = None  # the decision a vocabulary edit carried along into this one
     author: str = ""
     created_at: str = ""
 
@@ -73,15 +74,16 @@ class KeywordSet:
 
 
 def effective(decisions: list[Decision]) -> list[Decision]:
-    """The decisions that hold (in id order): undo rows, and what they took back, removed.
-
-    Read newest first, so an undo of an undo puts the first decision back.
-    """
-    undone: set[int] = set()
-    for d in reversed(decisions):
-        if d.id not in undone and d.action == "undo" and d.undoes is not None:
-            undone.add(d.undoes)
-    return [d for d in decisions if d.action != "undo" and d.id not in undone]
+    """The decisions that hold (in id order): not undo rows, not taken back by one, and not
+    following a decision that was taken back (a rename carried it along)."""
+    gone = {d.undoes for d in decisions if d.action == "undo" and d.undoes is not None}
+    held = []
+    for d in decisions:  # in id order: what a decision follows always comes before it
+        if d.action == "undo" or d.id in gone or d.follows in gone:
+            gone.add(d.id)
+        else:
+            held.append(d)
+    return held
 
 
 def merge_keywords(
@@ -128,8 +130,8 @@ def merge_description(
 
 def load_decisions(conn: sqlite3.Connection, content_id: str) -> list[Decision]:
     rows = conn.execute(
-        "SELECT id, language, action, keyword, keyword_key, description, undoes, author, "
-        "created_at FROM decisions WHERE content_id = ? ORDER BY id",
+        "SELECT id, language, action, keyword, keyword_key, description, undoes, follows, "
+        "author, created_at FROM decisions WHERE content_id = ? ORDER BY id",
         (content_id,),
     )
     return [Decision(*r) for r in rows]
@@ -242,7 +244,7 @@ def refresh(
         ]
         if old:
             index.delete_rows(conn, old)
-            conn.executemany("DELETE FROM set_keywords WHERE set_id = ?", [(i,) for i in old])
+            # Their set_keywords go too: ON DELETE CASCADE (connect() turns foreign keys on).
             conn.execute("DELETE FROM keyword_sets WHERE content_id = ?", (content_id,))
         for s in compute_sets(conn, content_id, rules):
             _store(conn, s)
@@ -283,8 +285,7 @@ def _store(conn: sqlite3.Connection, s: KeywordSet) -> None:
 
 def rebuild_all(conn: sqlite3.Connection) -> int:
     """Every keyword set from scratch (a migration, a repair); returns how many contents."""
-    conn.execute("DELETE FROM set_keywords")
-    conn.execute("DELETE FROM keyword_sets")
+    conn.execute("DELETE FROM keyword_sets")  # and, by cascade, set_keywords
     conn.execute("DELETE FROM search_index")
     contents = [
         r[0]
@@ -379,16 +380,26 @@ def views(
         yield from _with_keywords(conn, [_view(r) for r in rows])
 
 
-def sets_of_content(conn: sqlite3.Connection, content_id: str) -> list[ImageView]:
-    """Every current set of one content, newest first (path left empty)."""
+def sets_of_content(
+    conn: sqlite3.Connection, content_id: str, selection: Selection = Selection()
+) -> tuple[ImageView | None, list[ImageView]]:
+    """One content's chosen set (by selection, as every reader chooses it; None if it has
+    none) and all its current sets, the chosen one first. Paths are left empty."""
+    where, params = selection.where("s")
+    chosen = conn.execute(
+        f"SELECT s.id FROM keyword_sets s WHERE s.content_id = :content AND {where}",
+        {**params, "content": content_id},
+    ).fetchone()
+    chosen_id = chosen[0] if chosen else None
     rows = conn.execute(
         "SELECT '' AS path, s.content_id, s.id, s.language, s.backend, s.model, "
-        "s.annotation_id, s.created_at, s.description, s.described_by, i.width, i.height, "
-        "s.newest FROM keyword_sets s LEFT JOIN images i ON i.content_id = s.content_id "
-        "WHERE s.content_id = ? ORDER BY s.newest DESC, s.created_at DESC, s.id DESC",
-        (content_id,),
+        "s.annotation_id, s.created_at, s.description, s.described_by, i.width, i.height "
+        "FROM keyword_sets s LEFT JOIN images i ON i.content_id = s.content_id "
+        "WHERE s.content_id = ? ORDER BY s.id = ? DESC, s.newest DESC, s.created_at DESC",
+        (content_id, chosen_id),
     ).fetchall()
-    return list(_with_keywords(conn, [_view(r[:12]) for r in rows]))
+    views = list(_with_keywords(conn, [_view(r) for r in rows]))
+    return (views[0] if chosen_id is not None else None), views
 
 
 def _view(row: tuple) -> ImageView:
@@ -396,10 +407,18 @@ def _view(row: tuple) -> ImageView:
 
 
 def _with_keywords(conn: sqlite3.Connection, found: list[ImageView]) -> Iterator[ImageView]:
-    ids = sorted({v.set_id for v in found})
+    keywords = keywords_of(conn, [v.set_id for v in found])
+    for view in found:
+        view.keywords = keywords.get(view.set_id, [])
+        yield view
+
+
+def keywords_of(conn: sqlite3.Connection, set_ids: Iterable[int]) -> dict[int, list[Keyword]]:
+    """The keywords of many sets in order, a few hundred sets a query."""
+    ids = sorted(set(set_ids))
     keywords: dict[int, list[Keyword]] = {}
     cursor = conn.cursor()
-    cursor.row_factory = None
+    cursor.row_factory = None  # plain tuples: there may be millions
     for start in range(0, len(ids), READ_CHUNK):
         chunk = ids[start : start + READ_CHUNK]
         marks = ",".join("?" * len(chunk))
@@ -409,9 +428,17 @@ def _with_keywords(conn: sqlite3.Connection, found: list[ImageView]) -> Iterator
             chunk,
         ):
             keywords.setdefault(set_id, []).append(Keyword(text, source, confidence))
-    for view in found:
-        view.keywords = keywords.get(view.set_id, [])
-        yield view
+    return keywords
+
+
+def keys_of(conn: sqlite3.Connection, content_id: str) -> set[str]:
+    """The keyword keys an image shows now, in any of its keyword sets."""
+    rows = conn.execute(
+        "SELECT k.key FROM keyword_sets s JOIN set_keywords k ON k.set_id = s.id "
+        "WHERE s.content_id = ?",
+        (content_id,),
+    )
+    return {r[0] for r in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,14 +476,20 @@ def keyword_counts(
             spelling[key] = candidate
     counts = sorted(
         (KeywordCount(spelling[key][2], n) for key, n in totals.items()),
-        key=lambda c: (-c.count, c.tag),
+        key=lambda c: (-c.count, c.tag.casefold(), c.tag),
     )
     return counts if limit is None else counts[:limit]
 
 
 def known(conn: sqlite3.Connection, column: str) -> list[str]:
     """The languages or models that have keyword sets (for messages that say what exists)."""
-    if column not in ("language", "model"):
+    if column == "language":  # every language with sets has a newest one: the partial index
+        rows = conn.execute(
+            "SELECT DISTINCT language FROM keyword_sets WHERE newest_in_language = 1 "
+            "AND language != ''"
+        )
+    elif column == "model":
+        rows = conn.execute("SELECT DISTINCT model FROM keyword_sets WHERE model != ''")
+    else:
         raise ValueError(column)
-    rows = conn.execute(f"SELECT DISTINCT {column} FROM keyword_sets WHERE {column} != ''")
     return sorted(r[0] for r in rows)

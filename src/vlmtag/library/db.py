@@ -42,8 +42,13 @@ def connect(path: str | os.PathLike[str], *, readonly: bool = False) -> sqlite3.
     if readonly:
         conn = _connect_readonly(os.fspath(path))
     else:
+        # check_same_thread off: the run rows are written from a worker thread, so a locked
+        # database never blocks the event loop (one thread uses a connection at a time).
         conn = sqlite3.connect(
-            os.fspath(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None
+            os.fspath(path),
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
         )
     conn.row_factory = sqlite3.Row
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -250,8 +255,9 @@ class Store:
     def annotations_of(self, content_id: str) -> list[dict[str, Any]]:
         """What each model said about one content, newest first: its history."""
         rows = self.conn.execute(
-            "SELECT id, backend, model, language, description, created_at, prompt_key "
-            "FROM annotations WHERE content_id = ? ORDER BY created_at DESC, id DESC",
+            "SELECT a.id, a.backend, a.model, a.language, a.description, a.created_at, "
+            "a.prompt_key, r.params FROM annotations a LEFT JOIN runs r ON r.id = a.run_id "
+            "WHERE a.content_id = ? ORDER BY a.created_at DESC, a.id DESC",
             (content_id,),
         ).fetchall()
         out = []
@@ -262,10 +268,29 @@ class Store:
             ).fetchall()
             record = dict(r)
             del record["id"]
+            record["params"] = _json_or_none(record["params"])
             out.append(
                 {**record, "tags": [t[0] for t in tags], "confidences": [t[1] for t in tags]}
             )
         return out
+
+    def forget_answered_failures(self, backend: str, model: str, prompt_key: str) -> None:
+        """Failures under these settings of images that have an answer under them are not
+        to-dos (an older answer kept when a --force redo failed): they go."""
+
+        def forget() -> None:
+            self.conn.execute(
+                "DELETE FROM failures WHERE backend = ? AND model = ? AND prompt_key = ? AND "
+                "content_id IN (SELECT content_id FROM annotations WHERE backend = ? AND "
+                "model = ? AND prompt_key = ?)",
+                (backend, model, prompt_key) * 2,
+            )
+
+        self._patiently(forget)
+
+    def failures_of(self, path: str) -> list[dict[str, Any]]:
+        rows = self.conn.execute("SELECT * FROM failures WHERE path = ?", (to_db(path),))
+        return [{**dict(r), "path": path} for r in rows]
 
     def failures(self, *, run_id: int | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM failures {} ORDER BY path".format("WHERE run_id = ?" if run_id else "")
@@ -326,7 +351,7 @@ class Store:
             try:
                 return write()
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or attempt == RUN_ROW_ATTEMPTS - 1:
+                if not is_busy(exc) or attempt == RUN_ROW_ATTEMPTS - 1:
                     raise store_error(self.path, exc) from exc
             time.sleep(delay)
             delay *= 2
@@ -334,22 +359,45 @@ class Store:
 
 def _python_step(conn: sqlite3.Connection, number: int) -> None:
     if number == 4:
-        # People's tags were rows among a model's tags; they become decisions of the image
-        # (in every language), and the model's rows keep only what the model said.
-        from vlmtag.text import keyword_key
-
-        rows = conn.execute(
-            "SELECT a.content_id, t.tag, a.created_at FROM tags t "
-            "JOIN annotations a ON a.id = t.annotation_id WHERE t.source = 'human' "
-            "ORDER BY a.created_at, a.id, t.position"
-        ).fetchall()
-        conn.executemany(
-            "INSERT INTO decisions (content_id, language, action, keyword, keyword_key, author, "
-            "created_at) VALUES (?, '', 'add', ?, ?, 'migrated from schema 3', ?)",
-            [(r[0], r[1], keyword_key(r[1]), r[2]) for r in rows],
-        )
-        conn.execute("DELETE FROM tags WHERE source = 'human'")
+        _hand_tags_to_decisions(conn)
         current.rebuild_all(conn)
+
+
+def _hand_tags_to_decisions(conn: sqlite3.Connection) -> None:
+    """Schema 3 kept a person's tags as rows among a model's tags (source 'human'). They
+    become decisions of the image, in every language. A 'human' row that is the target of
+    a recorded rename was the model's tag, renamed (schema 3 marked those too): it stays the
+    model's, and the rename rule replays it."""
+    from vlmtag.text import keyword_key, match_key
+
+    targets = {
+        match_key(r[0])
+        for r in conn.execute(
+            "SELECT new FROM tag_edits WHERE action = 'rename' AND new IS NOT NULL"
+        )
+    }
+    rows = conn.execute(
+        "SELECT a.content_id, t.tag, a.created_at, t.annotation_id FROM tags t "
+        "JOIN annotations a ON a.id = t.annotation_id WHERE t.source = 'human' "
+        "ORDER BY a.created_at, a.id, t.position"
+    ).fetchall()
+    renamed = [(r[3], r[1]) for r in rows if match_key(r[1]) in targets]
+    conn.executemany(
+        "UPDATE tags SET source = 'model' WHERE annotation_id = ? AND tag = ?", renamed
+    )
+    conn.executemany(
+        "INSERT INTO decisions (content_id, language, action, keyword, keyword_key, author, "
+        "created_at) VALUES (?, '', 'add', ?, ?, 'migrated from schema 3', ?)",
+        [(r[0], r[1], keyword_key(r[1]), r[2]) for r in rows if match_key(r[1]) not in targets],
+    )
+    conn.execute("DELETE FROM tags WHERE source = 'human'")
+
+
+def _json_or_none(text: str | None) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
 
 
 def _statements(script: str) -> list[str]:
@@ -369,7 +417,7 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _is_busy(exc: BaseException) -> bool:
+def is_busy(exc: BaseException) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
 
@@ -386,7 +434,7 @@ def store_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
             f"{path} is not a readable SQLite database ({text}); nothing was changed. "
             "Pass another --db FILE, or restore the file from a backup"
         )
-    if _is_busy(exc):
+    if is_busy(exc):
         return StoreError(
             f"the database {path} is busy: another vlmtag run holds it; wait for it to finish"
         )

@@ -10,6 +10,7 @@ change the image's keyword sets are recomputed (library/current.py) in the same 
 from __future__ import annotations
 
 import getpass
+import os
 import sqlite3
 from collections.abc import Iterable
 
@@ -17,7 +18,7 @@ from vlmtag.errors import UsageError
 from vlmtag.library import current
 from vlmtag.library.current import ALL_LANGUAGES, Decision
 from vlmtag.library.db import Store, now
-from vlmtag.text import keyword_key, person_keyword, valid_utf8
+from vlmtag.text import display_path, keyword_key, person_keyword, valid_utf8
 
 ADD, REJECT, DESCRIBE, UNDO = "add", "reject", "describe", "undo"
 MAX_DESCRIPTION_CHARS = 5000
@@ -33,11 +34,22 @@ def default_author(via: str = "cli") -> str:
 
 
 def content_of(store: Store, path: str) -> str:
-    """The content a path holds, as stored; UsageError with the fix if it is unknown."""
+    """The content a path holds, as stored; UsageError that says why if it is unknown."""
     row = store.file_row(path)
-    if row is None:
-        raise UsageError(f"{path} is not in the database; tag it first with `vlmtag tag {path}`")
-    return row["content_id"]
+    if row is not None:
+        return row["content_id"]
+    failed = [f for f in store.failures_of(path)]
+    if failed:
+        latest = max(failed, key=lambda f: f["last_at"])
+        raise UsageError(
+            f"{display_path(path)} could not be tagged ({latest['stage']}: {latest['reason']}); "
+            "`vlmtag failures` lists it"
+        )
+    if not os.path.exists(path):
+        raise UsageError(f"{display_path(path)} does not exist")
+    raise UsageError(
+        f"{display_path(path)} is not in the database; tag it first with `vlmtag tag PATH`"
+    )
 
 
 def decide_keywords(
@@ -135,18 +147,22 @@ def history(store: Store, content_id: str) -> list[Decision]:
 def _keyword_state(
     conn: sqlite3.Connection, content_id: str, language: str
 ) -> dict[str, tuple[str, str]]:
-    """key -> (action, spelling) of the decision that holds now, in exactly this language."""
-    state: dict[str, tuple[str, str]] = {}
+    """key -> (action, spelling) of the newest decision holding on each key, when it was made
+    in exactly this language: deciding the same again changes nothing. A newer decision in
+    another language (a reject in en after an add in all) is not the same, so it is made."""
+    newest: dict[str, Decision] = {}
     for d in current.effective(current.load_decisions(conn, content_id)):
-        if d.language == language and d.action in (ADD, REJECT) and d.key:
-            state[d.key] = (d.action, d.keyword or "")
-    return state
+        if d.action in (ADD, REJECT) and d.key:
+            newest[d.key] = d
+    return {key: (d.action, d.keyword or "") for key, d in newest.items() if d.language == language}
 
 
 def _last_effective(
     conn: sqlite3.Connection, content_id: str | None, count: int
 ) -> list[tuple[str, Decision]]:
-    """The newest `count` decisions that still hold, newest first, with their content.
+    """The newest `count` decisions a person made that still hold, newest first, with their
+    content. Decisions a vocabulary edit wrote follow a person's (a rename carries an added
+    keyword along): they go when that one is undone, and are not undone on their own.
 
     Images are visited newest activity first; once `count` are found and the next image's
     last activity is older than all of them, no other image can hold a newer one.
@@ -161,6 +177,8 @@ def _last_effective(
     for c, last in rows:
         if len(found) >= count and last < found[count - 1][1].id:
             break
-        found.extend((c, d) for d in current.effective(current.load_decisions(conn, c)))
+        found.extend(
+            (c, d) for d in current.effective(current.load_decisions(conn, c)) if d.follows is None
+        )
         found.sort(key=lambda item: item[1].id, reverse=True)
     return found[:count]

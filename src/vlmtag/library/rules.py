@@ -22,6 +22,9 @@ from vlmtag.text import keyword_key, match_key, person_keyword
 
 RENAME, DROP = "rename", "drop"
 ARROW = "=>"
+# The author of the decisions a vocabulary edit writes for people's keywords ("vocabulary:
+# rename kitty => cat"): part of the edit, not a person's own decision (undo skips them).
+VOCABULARY = "vocabulary"
 
 
 @dataclass(frozen=True, slots=True)

@@ -110,10 +110,12 @@ MIGRATIONS: list[str] = [
     """,
     # 4: keywords belong to the image, decisions belong to people. An annotation keeps what a
     # model said; a decision what a person said of one content (in one language, or '' for
-    # all); keyword_sets hold what every reader shows: for each content, language and model,
-    # the newest annotation's keywords with the decisions applied (library/current.py keeps
-    # them). The search index and the embeddings follow the sets. Runs say which process
-    # ran them, so one left "running" by a kill -9 is closed by the next open.
+    # all; `follows` names the decision a vocabulary edit carried along, so undoing that one
+    # undoes its followers too). keyword_sets hold what every reader shows: for each content,
+    # language and model, the newest annotation's keywords with the decisions applied
+    # (library/current.py keeps them). The search index and the embeddings follow the sets.
+    # Runs say which process ran them, so one left "running" by a kill -9 is closed by the
+    # next open.
     """
     CREATE TABLE decisions (
         id INTEGER PRIMARY KEY,
@@ -124,6 +126,7 @@ MIGRATIONS: list[str] = [
         keyword_key TEXT,
         description TEXT,
         undoes INTEGER REFERENCES decisions(id),
+        follows INTEGER REFERENCES decisions(id),
         author TEXT NOT NULL,
         created_at TEXT NOT NULL
     );
@@ -168,6 +171,7 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     DELETE FROM search_index;
     DELETE FROM search_meta WHERE key = 'rebuild';
+    CREATE INDEX failures_content ON failures(content_id);
     ALTER TABLE runs ADD COLUMN pid INTEGER;
     ALTER TABLE runs ADD COLUMN host TEXT;
     ALTER TABLE runs ADD COLUMN stopped_reason TEXT;

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vlmtag.errors import UsageError
-from vlmtag.library.current import Selection
+from vlmtag.library.current import Selection, keywords_of
 from vlmtag.library.index import has_cjk, segment, tag_key
 from vlmtag.library.paths import from_db, under_clause
 from vlmtag.text import keyword_key
@@ -204,9 +204,10 @@ class _Parser:
                 if not parts and not excluded:
                     raise UsageError("AND needs a word before it: write cat AND dog")
                 self.i += 1
-                if not self._starts_unit(self._peek()):
+                after = self._peek()
+                if not self._starts_unit(after) and not self._is_op(after, "NOT"):
                     raise UsageError("AND needs a word after it: write cat AND dog")
-                continue
+                continue  # "cat AND NOT dog" is "cat NOT dog"
             if self._is_op(token, "NOT"):
                 self.i += 1
                 if not self._starts_unit(self._peek()):
@@ -324,16 +325,19 @@ def search(
 
 
 def _fill(conn: sqlite3.Connection, hits: list[Hit]) -> None:
+    """The model, language, description and keywords of each hit, in two queries."""
+    ids = [hit.set_id for hit in hits]
+    words = keywords_of(conn, ids)
+    about: dict[int, tuple] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(
+            f"SELECT id, backend, model, language, description FROM keyword_sets "
+            f"WHERE id IN ({marks})",
+            chunk,
+        ):
+            about[row[0]] = tuple(row[1:])
     for hit in hits:
-        row = conn.execute(
-            "SELECT backend, model, language, description FROM keyword_sets WHERE id = ?",
-            (hit.set_id,),
-        ).fetchone()
-        hit.backend, hit.model, hit.language, hit.description = row
-        hit.tags = [
-            r[0]
-            for r in conn.execute(
-                "SELECT keyword FROM set_keywords WHERE set_id = ? ORDER BY position",
-                (hit.set_id,),
-            )
-        ]
+        hit.backend, hit.model, hit.language, hit.description = about[hit.set_id]
+        hit.tags = [k.text for k in words.get(hit.set_id, [])]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlmtag.errors import SetupError, UsageError
-from vlmtag.library.current import Selection
+from vlmtag.library.current import Selection, keywords_of
 from vlmtag.library.index import EMBEDDING_MODEL, embedding_text, text_hash
 from vlmtag.library.paths import from_db, under_clause
 
@@ -321,22 +321,17 @@ def _stored_hashes(store: Store) -> set[str]:
 def _texts(store: Store, todo: dict[str, int]) -> dict[str, str]:
     """text hash -> the text to embed, read from one set that has it."""
     by_set = {set_id: digest for digest, set_id in todo.items()}
+    words = keywords_of(store.conn, by_set)
     ids = sorted(by_set)
     texts: dict[str, str] = {}
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
         marks = ",".join("?" * len(chunk))
-        words: dict[int, list[str]] = {}
-        for set_id, keyword in store.conn.execute(
-            f"SELECT set_id, keyword FROM set_keywords WHERE set_id IN ({marks}) "
-            "ORDER BY set_id, position",
-            chunk,
-        ):
-            words.setdefault(set_id, []).append(keyword)
         for set_id, description in store.conn.execute(
             f"SELECT id, description FROM keyword_sets WHERE id IN ({marks})", chunk
         ):
-            texts[by_set[set_id]] = embedding_text(words.get(set_id, []), description)
+            keywords = [k.text for k in words.get(set_id, [])]
+            texts[by_set[set_id]] = embedding_text(keywords, description)
     return texts
 
 

@@ -16,8 +16,8 @@ from vlmtag.errors import UsageError
 from vlmtag.library import current
 from vlmtag.library.current import KeywordCount, Selection
 from vlmtag.library.db import Store, now
-from vlmtag.library.rules import DROP, RENAME, Edit, parse_rules
-from vlmtag.text import keyword_key, match_key, normalise_tags, person_keyword
+from vlmtag.library.rules import DROP, RENAME, VOCABULARY, Edit, parse_rules
+from vlmtag.text import keyword_key, match_key, person_keyword
 
 __all__ = ["DROP", "RENAME", "Edit", "tag_counts", "rename", "merge", "drop", "apply_rules_file"]
 
@@ -92,59 +92,82 @@ def apply_edits(store: Store, edits: list[Edit]) -> int:
 
 def _showing(conn: sqlite3.Connection, word: str) -> set[str]:
     """Contents whose current keywords have this keyword."""
+    marks = ",".join("?" * len(_keys(word)))
     rows = conn.execute(
         "SELECT DISTINCT s.content_id FROM set_keywords k JOIN keyword_sets s ON s.id = k.set_id "
-        "WHERE k.key = ?",
-        (match_key(word),),
+        f"WHERE k.key IN ({marks})",
+        _keys(word),
     )
     return {r[0] for r in rows}
 
 
 def _holding(conn: sqlite3.Connection, word: str) -> set[str]:
     """Contents with the keyword among a model's raw answer or a person's decisions."""
-    spellings = {word, keyword_key(word), match_key(word), *normalise_tags([word], limit=1)}
-    marks = ",".join("?" * len(spellings))
+    keys = _keys(word)
+    marks = ",".join("?" * len(keys))
     rows = conn.execute(
         f"SELECT DISTINCT a.content_id FROM tags t JOIN annotations a ON a.id = t.annotation_id "
         f"WHERE t.tag IN ({marks}) "
-        "UNION SELECT content_id FROM decisions WHERE keyword_key = ?",
-        (*spellings, match_key(word)),
+        f"UNION SELECT content_id FROM decisions WHERE keyword_key IN ({marks})",
+        (*keys, *keys),
     )
     return {r[0] for r in rows}
 
 
+def _keys(word: str) -> list[str]:
+    """The keys an edited word is stored under: as a person wrote it ("C#") and as a model's
+    keyword would be written ("c"); a model's stored tags are their own key."""
+    return list(dict.fromkeys([keyword_key(word), match_key(word)]))
+
+
 def _carry_decisions(conn: sqlite3.Connection, edit: Edit, stamp: str) -> None:
     """People's keywords follow a vocabulary edit: an added "kitty" becomes an added "cat"
-    (and "kitty" goes); a rejected "kitty" keeps "cat" away; a dropped keyword goes."""
-    old = match_key(edit.old)
-    new = match_key(edit.new) if edit.new else None
-    author = f"vocabulary: {edit.action} {edit.old}" + (f" => {edit.new}" if edit.new else "")
+    (and "kitty" goes); a rejected "kitty" keeps "cat" away; a dropped keyword goes. Each
+    decision written here follows the person's, so undoing theirs undoes it too."""
+    olds = _keys(edit.old)
+    new = keyword_key(edit.new) if edit.new else None
+    author = f"{VOCABULARY}: {edit.action} {edit.old}" + (f" => {edit.new}" if edit.new else "")
+    marks = ",".join("?" * len(olds))
     holders = [
         r[0]
         for r in conn.execute(
-            "SELECT DISTINCT content_id FROM decisions WHERE keyword_key = ?", (old,)
+            f"SELECT DISTINCT content_id FROM decisions WHERE keyword_key IN ({marks})", olds
         )
     ]
     rows = []
     for content_id in holders:
-        state: dict[tuple[str, str], str] = {}
+        state: dict[tuple[str, str], current.Decision] = {}
         for d in current.effective(current.load_decisions(conn, content_id)):
             if d.action in ("add", "reject") and d.key:
-                state[(d.language, d.key)] = d.action
-        for (language, key), action in state.items():
-            if key != old:
-                continue
-            if new == old:  # only the spelling changes ("cat" => "Cat")
-                if action == "add":
-                    rows.append((content_id, language, "add", edit.new, new, author, stamp))
-            elif action == "add":
-                rows.append((content_id, language, "reject", edit.old, old, author, stamp))
-                if new is not None and state.get((language, new)) != "add":
-                    rows.append((content_id, language, "add", edit.new, new, author, stamp))
-            elif new is not None and state.get((language, new)) != "add":
-                rows.append((content_id, language, "reject", edit.new, new, author, stamp))
+                state[(d.language, d.key)] = d
+        for (_, key), d in state.items():
+            if key in olds:
+                rows.extend(_carried(content_id, d, edit, new, state, (author, stamp)))
     conn.executemany(
-        "INSERT INTO decisions (content_id, language, action, keyword, keyword_key, author, "
-        "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO decisions (content_id, language, action, keyword, keyword_key, follows, "
+        "author, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         rows,
     )
+
+
+def _carried(
+    content_id: str, d: current.Decision, edit: Edit, new: str | None, state: dict, by: tuple
+) -> list[tuple]:
+    """The decisions one person's decision becomes under a vocabulary edit (rows to insert)."""
+    language = d.language
+    added = state.get((language, new))
+    target_added = added is not None and added.action == "add"
+
+    def row(action: str, keyword: str | None, key: str | None) -> tuple:
+        return (content_id, language, action, keyword, key, d.id, *by)
+
+    if new == d.key:  # only the spelling changes ("cat" => "Cat")
+        return [row("add", edit.new, new)] if d.action == "add" else []
+    if d.action == "add":
+        out = [row("reject", d.keyword, d.key)]
+        if new is not None and not target_added:
+            out.append(row("add", edit.new, new))
+        return out
+    if new is not None and not target_added:
+        return [row("reject", edit.new, new)]
+    return []

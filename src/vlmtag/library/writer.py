@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from vlmtag.library import current
-from vlmtag.library.db import connect, now
+from vlmtag.library.db import connect, is_busy, now
 from vlmtag.library.paths import to_db
 from vlmtag.library.rows import AnnotationRow, FailureRow, FileSeen, Missing, Row
 from vlmtag.library.rules import RulesCache
@@ -230,10 +230,10 @@ class Writer:
                 conn.execute("BEGIN IMMEDIATE")
                 return True
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                if not is_busy(exc) or time.monotonic() + pause > deadline:
                     reason = (
                         f"another program held the database lock for over {self._busy_budget:g} s"
-                        if _is_busy(exc)
+                        if is_busy(exc)
                         else f"the database cannot be written: {one_line(exc)}"
                     )
                     self._give_up(reason, rows)
@@ -317,11 +317,6 @@ def _failure_for(row: Row, reason: str) -> FailureRow | None:
             row.run_id,
         )
     return None
-
-
-def _is_busy(exc: BaseException) -> bool:
-    text = str(exc)
-    return "locked" in text or "busy" in text
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -424,8 +419,14 @@ def _write_annotation(
         [(annotation_id, i, tag, conf) for i, (tag, conf) in enumerate(row.tags)],
     )
     current.refresh(conn, [row.content_id], rules)
+    # Two statements, each on an index (an OR of both would scan every failure).
+    key = (row.backend, row.model, row.prompt_key)
     conn.execute(
-        "DELETE FROM failures WHERE (content_id = ? OR path = ?) AND backend = ? AND model = ? "
+        "DELETE FROM failures WHERE content_id = ? AND backend = ? AND model = ? "
         "AND prompt_key = ?",
-        (row.content_id, to_db(row.path or ""), row.backend, row.model, row.prompt_key),
+        (row.content_id, *key),
+    )
+    conn.execute(
+        "DELETE FROM failures WHERE path = ? AND backend = ? AND model = ? AND prompt_key = ?",
+        (to_db(row.path or ""), *key),
     )

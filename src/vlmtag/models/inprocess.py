@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
+import sys
 from typing import TYPE_CHECKING
 
 from vlmtag.errors import InferenceError
@@ -23,7 +25,22 @@ def pixels_of(image: PreparedImage) -> Image:
         with PILImage.open(io.BytesIO(image.data)) as decoded:
             return decoded.convert("RGB")
     except Exception as exc:  # any decoder failure is this image's failure
-        raise InferenceError(f"cannot decode the prepared image: {one_line(exc)}") from exc
+        raise InferenceError(f"cannot decode the prepared image: {error_line(exc)}") from exc
+
+
+def installed(*modules: str) -> bool:
+    """Whether every module can be imported, without importing any (torch takes seconds)."""
+    for name in modules:
+        if name in sys.modules:
+            if sys.modules[name] is None:  # marked unimportable
+                return False
+            continue
+        try:
+            if importlib.util.find_spec(name) is None:
+                return False
+        except (ImportError, ValueError):
+            return False
+    return True
 
 
 def cores() -> int:
@@ -34,7 +51,7 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def one_line(exc: BaseException | None) -> str:
+def error_line(exc: BaseException | None) -> str:
     """The first line of an exception's text, or its type's name: fit for a message."""
     text = str(exc).strip() if exc is not None else ""
     return text.splitlines()[0] if text else type(exc).__name__

@@ -17,7 +17,7 @@ from typing import Any
 
 from vlmtag.errors import InferenceError, SetupError
 from vlmtag.models.base import BackendOptions
-from vlmtag.models.inprocess import InProcessBackend, cores, one_line, pixels_of
+from vlmtag.models.inprocess import InProcessBackend, cores, error_line, installed, pixels_of
 from vlmtag.types import PreparedImage, Reply, Request
 
 CPU_BATCH_SIZE = 4
@@ -25,6 +25,8 @@ CUDA_BATCH_SIZE = 8
 EXTRA_HINT = "the transformers backend needs its extra: pip install 'vlmtag[transformers]'"
 # "owner/name" as the hub spells it; anything else that is not a folder is a mistake.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# The files save_pretrained writes the weights to (one file, or shards with an index).
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 # Sampling knobs a model's generation_config may carry; greedy decoding must not see them.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p")
 
@@ -61,16 +63,22 @@ class TransformersBackend(InProcessBackend):
         return CUDA_BATCH_SIZE if self.device.startswith("cuda") else CPU_BATCH_SIZE
 
     async def start(self) -> None:
+        """Check the model folder and the extra; the model loads with the first image, so a
+        rerun with nothing to do never imports torch."""
+        _resolve(self._source)  # a wrong path fails at once, before any slow import
+        if not installed("torch", "transformers"):
+            raise SetupError(EXTRA_HINT)
+
+    async def load(self) -> None:
         async with self._load_lock:
             if self._loaded is None:
-                # Resolve first: a wrong path fails at once, before the slow imports.
                 where = _resolve(self._source)
                 self._loaded = await asyncio.to_thread(_load, where, self.device)
 
     async def infer_batch(
         self, images: list[PreparedImage], request: Request
     ) -> list[Reply | Exception]:
-        await self.start()
+        await self.load()
         return await asyncio.to_thread(self._run_batch, images, request)
 
     async def close(self) -> None:
@@ -115,7 +123,7 @@ def _generate_each(
             answers[i] = loaded.generate([pixels[i]], request)[0]
         except Exception as exc:
             loaded.release_memory()
-            answers[i] = InferenceError(f"generation failed: {one_line(exc)}")
+            answers[i] = InferenceError(f"generation failed: {error_line(exc)}")
     return answers
 
 
@@ -238,7 +246,7 @@ def _load(where: str, device: str) -> _Loaded:
     try:
         model.to(device)
     except Exception as exc:
-        raise SetupError(f"cannot move {where} to {device}: {one_line(exc)}") from exc
+        raise SetupError(f"cannot move {where} to {device}: {error_line(exc)}") from exc
     model.eval()
     return _Loaded(model, processor, device, dtype)
 
@@ -256,6 +264,11 @@ def _resolve(source: str | None) -> str:
             raise SetupError(
                 f"{path} is not a Hugging Face model folder: it has no config.json; pass "
                 "--model-path a folder with config.json, the weights, the processor and tokenizer"
+            )
+        if not any(next(path.glob(pattern), None) for pattern in _WEIGHTS):
+            raise SetupError(
+                f"{path} has no weights (model.safetensors or pytorch_model.bin); copy the "
+                "whole folder that save_pretrained wrote"
             )
         return str(path)
     if path.exists():
@@ -281,7 +294,7 @@ def _load_processor(transformers: Any, where: str) -> Any:
         return transformers.AutoProcessor.from_pretrained(where, local_files_only=True)
     except Exception as exc:
         raise SetupError(
-            f"cannot load the processor of {where} ({one_line(exc)}); the model needs "
+            f"cannot load the processor of {where} ({error_line(exc)}); the model needs "
             "processor_config.json or preprocessor_config.json and its tokenizer files"
         ) from exc
 
@@ -297,16 +310,16 @@ def _load_model(transformers: Any, where: str, dtype: Any) -> Any:
             return cls.from_pretrained(where, **kwargs)
         except ValueError as exc:
             if "Unrecognized configuration class" not in str(exc):
-                raise SetupError(f"cannot load {where}: {one_line(exc)}") from exc
+                raise SetupError(f"cannot load {where}: {error_line(exc)}") from exc
             last = exc
         except Exception as exc:
             raise SetupError(
-                f"cannot load {where} ({one_line(exc)}); the folder needs config.json and "
+                f"cannot load {where} ({error_line(exc)}); the folder needs config.json and "
                 "the weights (model.safetensors or pytorch_model.bin)"
             ) from exc
     raise SetupError(
         f"{where} is not a model transformers can generate text from images with "
-        f"({one_line(last)}); use an image-text-to-text model"
+        f"({error_line(last)}); use an image-text-to-text model"
     )
 
 

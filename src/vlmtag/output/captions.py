@@ -11,12 +11,15 @@ import re
 from vlmtag.library.current import ImageView
 from vlmtag.output.records import keywords
 
+# Unlike text.one_line (messages, stored reasons), format characters stay: a zero-width
+# joiner holds an emoji together and a bidi mark a right-to-left name. Only what breaks a
+# line or a file goes.
 _LINE_BREAKS = re.compile(r"[\s\x85\u2028\u2029]+")
 _CONTROLS = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
 
 
 def one_line(text: str) -> str:
-    """Text as one tidy line: controls out, every run of white space or line breaks one space."""
+    """Text as one line, however long: controls out, each run of white space one space."""
     return _LINE_BREAKS.sub(" ", _CONTROLS.sub("", text)).strip()
 
 

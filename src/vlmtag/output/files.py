@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from vlmtag.ingest.scan import inside
 from vlmtag.library.current import ImageView
 from vlmtag.output import xmp
 
@@ -48,13 +49,9 @@ def common_folder(paths: Iterable[str]) -> str | None:
         folder = os.path.dirname(os.path.abspath(path))
         if common is None:
             common = folder
-        while not _inside(folder, common):
+        while not inside(folder, common):
             common = os.path.dirname(common)
     return common
-
-
-def _inside(path: str, folder: str) -> bool:
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 class Placement:
@@ -79,7 +76,7 @@ class Placement:
         if os.sep in name or name in ("", ".", ".."):
             raise UnsafePath(f"{name!r} is not a file name")
         image = os.path.abspath(image)
-        if self.root is not None and not _inside(image, self.root):
+        if self.root is not None and not inside(image, self.root):
             raise UnsafePath(f"it is outside {self.root}")
         if self.out is None:
             return os.path.join(self._beside(os.path.dirname(image)), name)
@@ -92,7 +89,7 @@ class Placement:
         real = self._checked.get(folder)
         if real is None:
             real = os.path.realpath(folder)
-            if not _inside(real, self.real_root):
+            if not inside(real, self.real_root):
                 raise UnsafePath(f"{folder} leads outside {self.root} (a symbolic link)")
             self._checked[folder] = real
         return real
@@ -112,7 +109,7 @@ class Placement:
                 with contextlib.suppress(FileExistsError):  # a folder, or a link checked below
                     os.mkdir(folder)
             real = os.path.realpath(folder)
-            if not _inside(real, self.out):
+            if not inside(real, self.out):
                 raise UnsafePath(f"{folder} leads outside {self.out} (a symbolic link)")
             folder = real
         self._checked[rel] = folder

@@ -25,20 +25,33 @@ class Control:
         self.hurried = False
         self.reason: str | None = None
         self._changed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def bind(self) -> None:
         """Called on the run's event loop before it starts waiting."""
+        self._loop = asyncio.get_running_loop()
         self._changed = asyncio.Event()
         if self.stopped.is_set():
             self._changed.set()
 
     def stop(self, reason: str = "interrupted") -> None:
-        """Stop scheduling: what is in flight may finish."""
+        """Stop scheduling: what is in flight may finish. Safe from any thread."""
         if not self.stopped.is_set():
             self.reason = reason
             self.stopped.set()
-        if self._changed is not None:
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is None or self._loop is None:
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
             self._changed.set()
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._changed.set)
 
     def hurry(self) -> None:
         """Stop now: requests in flight are cancelled (what is stored stays stored)."""

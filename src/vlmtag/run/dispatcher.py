@@ -57,9 +57,6 @@ class Dispatcher:
     async def until_finished(self) -> None:
         await self._changed.until(lambda: self.finished)
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
     def admit(self, n: int = 1) -> None:
         self.outstanding += n
 
@@ -92,9 +89,15 @@ class Dispatcher:
         self._append(work, left=False)
         return True
 
-    def put_back(self, work: Work) -> None:
-        """An image handed back (its server went away, or it is asked again): first in line."""
+    def put_back(self, work: Work) -> bool:
+        """An image handed back (its server went away, or it is asked again): first in line.
+
+        False once the dispatcher has stopped: nobody would take it.
+        """
+        if self.stopped:
+            return False
         self._append(work, left=True)
+        return True
 
     async def take(self, n: int = 1) -> list[Work]:
         """Up to n images; [] once the work is finished or stopped."""

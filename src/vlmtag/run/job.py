@@ -108,7 +108,7 @@ async def _start(backends: list[Backend], control: Control) -> None:
 
 
 def _options(settings: Settings, lead: Backend, request, description: bool) -> RunOptions:
-    resize = lead.input_box or settings.resize
+    resize = lead.input_box or settings.resize  # a classifier's own input size wins
     workers = settings.workers
     if workers is None:
         # Servers: find their parallelism as the run goes. In-process: their own default.
@@ -116,12 +116,17 @@ def _options(settings: Settings, lead: Backend, request, description: bool) -> R
     return RunOptions(
         request=request,
         prompt_key=prompt_key(request, resize),
-        resize=settings.resize,
+        resize=resize,
         max_pixels=settings.max_pixels,
         workers=workers,
         force=settings.force,
         retry_failed=settings.retry_failed,
         server_wait=settings.server_wait,
-        params={**settings.public(), "workers": workers or "auto", "description": description},
+        params={
+            **settings.public(),
+            "resize": list(resize) if resize else None,  # the box images really went in
+            "workers": workers or "auto",
+            "description": description,
+        },
         redact=redactor_for(settings),
     )

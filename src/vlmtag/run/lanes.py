@@ -14,7 +14,7 @@ import asyncio
 import time
 from typing import Protocol
 
-from vlmtag.errors import InferenceError, ServerGoneError
+from vlmtag.errors import InferenceError, ServerGoneError, SetupError
 from vlmtag.models.base import Backend
 from vlmtag.redact import without_credentials
 from vlmtag.run.dispatcher import Dispatcher, Work
@@ -37,6 +37,8 @@ class LaneSink(Protocol):
 
     def retired(self, lane: Lane) -> None: ...
 
+    def broken(self, work: Work, exc: Exception) -> None: ...  # handling an answer failed
+
 
 class Lane:
     def __init__(self, backend: Backend, limiter: Limiter, request: Request, *, server_wait: float):
@@ -52,10 +54,6 @@ class Lane:
         self.sent = 0
         self._tasks: set[asyncio.Task] = set()
         self._probe: asyncio.Task | None = None
-
-    @property
-    def healthy(self) -> bool:
-        return not self.retired
 
     @property
     def in_flight(self) -> set[asyncio.Task]:
@@ -88,7 +86,13 @@ class Lane:
         latency, overloaded = None, False
         started = time.perf_counter()
         try:
-            replies = await self._infer(batch)
+            try:
+                replies = await self._infer(batch)
+            except SetupError as exc:  # the model cannot run at all (its extra is missing)
+                self.retire(one_line(str(exc)))
+                sink.retired(self)
+                sink.lost(self, batch)
+                return
             elapsed = time.perf_counter() - started
             gone = [w for w, r in zip(batch, replies, strict=True) if _gone(r)]
             if gone:
@@ -99,7 +103,10 @@ class Lane:
             if answered and not gone and all(_first_try(r) for _, r in answered):
                 latency = elapsed  # retried requests say nothing of the server's speed
             for work, reply in answered:
-                sink.reply(self, work, reply, elapsed / len(batch))
+                try:
+                    sink.reply(self, work, reply, elapsed / len(batch))
+                except Exception as exc:  # noqa: BLE001 - a bug past the answer fails one image
+                    sink.broken(work, exc)
         except asyncio.CancelledError:
             sink.cancelled(batch)
             raise
@@ -113,7 +120,7 @@ class Lane:
             if len(batch) == 1 and backend.batch_size <= 1:
                 return [await backend.infer(batch[0].image, request)]
             replies = list(await backend.infer_batch([w.image for w in batch], request))
-        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        except (asyncio.CancelledError, KeyboardInterrupt, SystemExit, SetupError):
             raise
         except ServerGoneError as exc:
             return [exc] * len(batch)

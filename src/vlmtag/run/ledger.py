@@ -9,6 +9,7 @@ At the end found = tagged + skipped + duplicates + failed + left, or the run say
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -87,12 +88,18 @@ class Ledger:
     progress: Progress = field(default_factory=NoProgress)
     counts: Counts = field(default_factory=Counts)
     failures: list[dict[str, str]] = field(default_factory=list)
-    failures_not_stored: int = 0
     _waiting: dict[str, list[str]] = field(default_factory=dict)  # content -> copies waiting
     _fates: dict[str, _Fate] = field(default_factory=dict)  # content -> how its image ended
     _copies: dict[str, list[str]] = field(default_factory=dict)  # content -> duplicates of it
 
     # ---- outcomes ----------------------------------------------------------------------
+
+    def found(self, n: int) -> None:
+        self.counts.found = n
+
+    def missing(self, n: int) -> None:
+        """Files gone from disk since the last run (not an outcome of this one)."""
+        self.counts.missing = n
 
     def skipped(self, n: int = 1, *, admitted: bool = False) -> None:
         self._count("skipped", n, admitted)
@@ -131,7 +138,12 @@ class Ledger:
         self._count("tagged", 1, True)
         self._decide(content_id, _Fate("tagged"))
 
-    def failed(self, path: str, content_id: str | None, stage: str, reason: str) -> None:
+    def failed(
+        self, path: str, content_id: str | None, stage: str, reason: str, *, shared: bool = True
+    ) -> None:
+        """One file failed. shared: it was the picture, so its copies waiting in this run
+        fail the same way (False: the file itself, e.g. unreadable; the row still names its
+        content)."""
         r = self.run
         row = FailureRow(
             path, content_id, r.backend, r.model, r.prompt_key, stage, reason, r.run_id
@@ -139,7 +151,7 @@ class Ledger:
         self.writer.put(row)
         self._note_failure(path, stage, reason)
         self._count("failed", 1, True)
-        if content_id is not None:
+        if content_id is not None and shared:
             self._decide(content_id, _Fate("failed", stage, reason))
 
     def left(self, path: str, content_id: str | None = None) -> None:
@@ -159,8 +171,7 @@ class Ledger:
     def not_stored(self, row: Row, reason: str) -> None:
         """The writer could not store a row (a full disk, text it refused)."""
         if isinstance(row, FailureRow):
-            self.failures_not_stored += 1
-            return
+            return  # still failed, only not recorded: the summary says the run failed
         if not isinstance(row, AnnotationRow):
             return
         moved = [row.path or "", *self._copies.pop(row.content_id, [])]
@@ -202,9 +213,10 @@ class Ledger:
         if not n:
             return
         setattr(self.counts, outcome, getattr(self.counts, outcome) + n)
-        self.progress.advance(outcome, n)
         if admitted:
             self.settle(n)
+        with contextlib.suppress(Exception):  # a caller's progress bar must not lose an image
+            self.progress.advance(outcome, n)
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self.counts, name) for name in ("found", *OUTCOMES, "missing")}

@@ -10,6 +10,7 @@ it is stopped (a signal), or when no server or no database is left to finish it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -49,7 +50,7 @@ class RunOptions:
 
     request: Request
     prompt_key: str
-    resize: tuple[int, int] | None
+    resize: tuple[int, int] | None  # the box images are fitted into (the backend's, if any)
     max_pixels: int
     workers: int  # requests in flight per server; AUTO to adapt
     force: bool = False
@@ -118,6 +119,7 @@ class _Prepared:
     status: str  # new | done | copy | failed
     image: PreparedImage | None = None
     error: ImageError | None = None
+    claimed: bool = False  # this file claimed its content: its copies share what it comes to
 
 
 class _Claims:
@@ -171,7 +173,11 @@ class Pipeline:
         started = time.perf_counter()
         self.control.bind()
         b, o = self.lead, self.options
-        run_id = self.store.start_run(b.name, b.model, o.prompt_key, o.redact.deep(o.params))
+        # In a thread: another process holding the lock must not stop the loop hearing Ctrl-C.
+        params = o.redact.deep(o.params)
+        run_id = await asyncio.to_thread(
+            self.store.start_run, b.name, b.model, o.prompt_key, params
+        )
         result = RunResult(run_id, b.name, b.model, o.prompt_key, times=self.times)
         loop = asyncio.get_running_loop()
         self.writer = Writer(
@@ -184,10 +190,10 @@ class Pipeline:
         error: BaseException | None = None
         try:
             await self._scan_and_process(roots)
-        except Exception as exc:  # noqa: BLE001 - a bug: the run row still gets its status
+        except BaseException as exc:  # a bug, or the caller cancelled: the row says which
             error = exc
         finally:
-            await self._finish(result, started, error)
+            await asyncio.shield(self._finish(result, started, error))
         if error is not None:
             raise error
         return result
@@ -205,7 +211,8 @@ class Pipeline:
             self.ledger.seen(FileSeen(f.path, f.size, f.mtime_ns, content_id))
         # Skipped files are reported before the bar starts: its rate and ETA are for work.
         self.ledger.skipped(triaged.skipped)
-        self.progress.start(len(triaged.todo))
+        with contextlib.suppress(Exception):  # a caller's progress bar must not hold the run
+            self.progress.start(len(triaged.todo))
         self.dispatcher.admit(len(triaged.todo))
         self._claims = _Claims(done)
         await self._process(deque(triaged.todo))
@@ -221,7 +228,7 @@ class Pipeline:
             return list(scan.walk(roots, ignore=ignore, on_error=on_error, stop=self._stopping))
 
         files = await asyncio.to_thread(walk)
-        self.ledger.counts.found = len(files) + len(errors)
+        self.ledger.found(len(files) + len(errors))
         self.times.add_total("scan", time.perf_counter() - t0)
         return files, errors
 
@@ -233,7 +240,12 @@ class Pipeline:
         store = Store.open(self.store.path)
         try:
             b, o = self.lead, self.options
-            done = set() if o.force else store.done_content_ids(b.name, b.model, o.prompt_key)
+            # --retry-failed asks again for what failed even where an older answer is kept;
+            # a plain run skips those images as answered, so their failures are no to-dos.
+            redo = o.force or o.retry_failed
+            if not redo:
+                store.forget_answered_failures(b.name, b.model, o.prompt_key)
+            done = set() if redo else store.done_content_ids(b.name, b.model, o.prompt_key)
             failed = store.failed_paths(b.name, b.model, o.prompt_key) if o.retry_failed else None
             return store.known_files(), done, failed, store.failure_paths()
         finally:
@@ -246,27 +258,33 @@ class Pipeline:
         stale = [p for p in failure_paths if p not in seen and _under(p, roots)]
         if gone or stale:
             self.writer.put(Missing(gone + stale))
-        self.ledger.counts.missing = len(gone)
+        self.ledger.missing(len(gone))
 
     async def _process(self, todo: deque) -> None:
         pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="vlmtag-prep")
         lanes = [asyncio.create_task(lane.run(self.dispatcher, self)) for lane in self.lanes]
         producer = asyncio.create_task(self._produce(todo, pool))
         try:
-            await self._until_over(producer)
+            await self._until_over(producer, lanes)
         finally:
             await self._wind_down(producer, lanes)
-            pool.shutdown(wait=not self.control.hurried, cancel_futures=True)
+            # Never wait here: the event loop must stay free to hear a second Ctrl-C while a
+            # read hangs on a network share. What the threads still do is thrown away.
+            pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _until_over(self, producer: asyncio.Task) -> None:
+    async def _until_over(self, producer: asyncio.Task, lanes: list[asyncio.Task]) -> None:
+        """Until nothing is outstanding or the run is stopped; a task that died of a bug (the
+        producer, a lane) fails the run instead of leaving it waiting for ever."""
         finished = asyncio.create_task(self.dispatcher.until_finished())
         stopped = asyncio.create_task(self.control.wait())
+        watched = {finished, stopped, producer, *lanes}
         try:
-            await asyncio.wait([finished, stopped, producer], return_when="FIRST_COMPLETED")
-            if producer.done() and not producer.cancelled() and producer.exception():
-                raise producer.exception()  # a bug in the producer: the run fails
-            if not finished.done() and not stopped.done():
-                await asyncio.wait([finished, stopped], return_when="FIRST_COMPLETED")
+            while not (finished.done() or stopped.done()):
+                done, _ = await asyncio.wait(watched, return_when="FIRST_COMPLETED")
+                for task in done - {finished, stopped}:
+                    if not task.cancelled() and task.exception() is not None:
+                        raise task.exception()
+                watched -= done - {finished, stopped}
         finally:
             finished.cancel()
             stopped.cancel()
@@ -324,33 +342,36 @@ class Pipeline:
             self.dispatcher.close()
 
     def _prepare(self, f: scan.FileStat, content_id: str | None) -> _Prepared:
-        """In a pool thread: read once, hash if new or changed, claim, decode and fit."""
+        """In a pool thread: read once, hash if new or changed, claim, decode and fit.
+
+        A content is claimed only by a file whose bytes are in hand: a copy never waits on
+        a twin that cannot be read, and shares a failure only once its twin claimed the
+        content (a failure of the picture, never one of the file).
+        """
         started = time.perf_counter()
-        if content_id is not None:  # unchanged since it was hashed: claim before reading
-            status = self._claims.claim(content_id)
-            if status != "new":
-                return _Prepared(None, content_id, status)
-        seen = None
+        seen, claimed = None, False
         try:
             data = identity.read_image(f.path, max_pixels=self.options.max_pixels)
             if content_id is None:
                 content_id = hash_content(data)
                 seen = FileSeen(f.path, f.size, f.mtime_ns, content_id)
                 self.times.add("hash", time.perf_counter() - started)
-                status = self._claims.claim(content_id)
-                if status != "new":
-                    return _Prepared(seen, content_id, status)
+            status = self._claims.claim(content_id)
+            if status != "new":
+                return _Prepared(seen, content_id, status)
+            claimed = True
             t1 = time.perf_counter()
             image = imaging.prepare(
-                data,
-                self.lead.input_box or self.options.resize,
-                max_pixels=self.options.max_pixels,
+                data, self.options.resize, max_pixels=self.options.max_pixels,
                 keep_pixels=self.lead.wants_pixels,
-            )
+            )  # fmt: skip
             self.times.add("decode", time.perf_counter() - t1)
             return _Prepared(seen, content_id, "new", image)
         except ImageError as exc:
-            return _Prepared(seen, content_id, "failed", error=exc)
+            return _Prepared(seen, content_id, "failed", error=exc, claimed=claimed)
+        except Exception as exc:  # noqa: BLE001 - out of memory, a bug: this file fails
+            error = ImageError(f"cannot read or decode it: {one_line(repr(exc))}")
+            return _Prepared(seen, content_id, "failed", error=error, claimed=claimed)
 
     async def _deliver(self, f: scan.FileStat, future, window: asyncio.Semaphore) -> None:
         started = time.perf_counter()
@@ -368,7 +389,8 @@ class Pipeline:
                 self.ledger.seen(got.seen)
             if got.status == "failed":
                 error = got.error
-                self.ledger.failed(f.path, content_id, error.stage, one_line(str(error)))
+                reason = one_line(str(error))
+                self.ledger.failed(f.path, content_id, error.stage, reason, shared=got.claimed)
             elif got.status == "done":
                 self.ledger.skipped(admitted=True)
             elif got.status == "copy":
@@ -392,10 +414,9 @@ class Pipeline:
     def reply(self, lane: Lane, work: Work, reply: Reply | BaseException, seconds: float):
         self.times.add("infer", seconds)
         verdict = self.answers.judge(work, reply)
-        if verdict.action == AGAIN and self.abandoned is None:
-            self.dispatcher.put_back(work)
-        elif verdict.action == AGAIN:
-            self.ledger.failed(work.path, work.content_id, self.abandoned[1], self.abandoned[2])
+        if verdict.action == AGAIN:
+            if self.abandoned is not None or not self.dispatcher.put_back(work):
+                self._unsent(work)
         elif verdict.action == STORE:
             image = work.image
             self.ledger.tagged(
@@ -419,8 +440,9 @@ class Pipeline:
             if work.lost > MAX_LOST:
                 reason = f"its server dropped the connection {work.lost} times while answering it"
                 self.ledger.failed(work.path, work.content_id, "infer", reason)
-            elif any(other.healthy for other in self.lanes) and self.abandoned is None:
-                self.dispatcher.put_back(work)
+            elif any(not other.retired for other in self.lanes) and self.abandoned is None:
+                if not self.dispatcher.put_back(work):
+                    self._unsent(work)
             else:
                 self.ledger.failed(work.path, work.content_id, "infer", self._no_server())
 
@@ -429,8 +451,13 @@ class Pipeline:
             self.ledger.left(work.path, work.content_id)
 
     def retired(self, lane: Lane) -> None:
-        if not any(other.healthy for other in self.lanes):
+        if all(other.retired for other in self.lanes):
             self._abandon("stopped", "infer", self._no_server())
+
+    def broken(self, work: Work, exc: Exception) -> None:
+        """Handling an answer raised (a bug): that image fails, the run goes on."""
+        reason = f"internal error handling the answer: {one_line(repr(exc))}"
+        self.ledger.failed(work.path, work.content_id, "store", reason)
 
     def _no_server(self) -> str:
         reasons = "; ".join(f"{lane.label}: {lane.reason}" for lane in self.lanes if lane.reason)
@@ -461,7 +488,9 @@ class Pipeline:
             self._abandon("failed", "store", f"not stored: {self.writer.fatal}")
 
     def _in_flight_limit(self) -> int:
-        return sum(lane.limiter.limit for lane in self.lanes if lane.healthy) or 1
+        """Images the lanes take at once: requests in flight, times the batch of each."""
+        live = [lane for lane in self.lanes if not lane.retired]
+        return sum(lane.limiter.limit * lane.backend.batch_size for lane in live) or 1
 
     # ---- the end -------------------------------------------------------------------------
 
@@ -478,25 +507,22 @@ class Pipeline:
         result.servers = [_lane_report(lane) for lane in self.lanes]
         result.status, result.stopped_reason = self._status(error)
         if not result.balanced:
-            result.stopped_reason = (result.stopped_reason or "") + (
-                f" (internal: {counts.found} found but {sum(_outcomes(counts))} outcomes)"
-            )
-        self.progress.close()
+            note = f"internal: {counts.found} found but {sum(_outcomes(counts))} outcomes"
+            result.stopped_reason = _also(result.stopped_reason, note)
         try:
-            self.store.finish_run(
-                result.run_id,
-                result.status,
-                self.ledger.as_dict(),
-                result.times.summary(),
-                result.stopped_reason,
-            )
+            await asyncio.to_thread(
+                self.store.finish_run, result.run_id, result.status, self.ledger.as_dict(),
+                result.times.summary(), result.stopped_reason,
+            )  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - the database may be the reason we stopped
             note = f"the run row could not be closed: {one_line(str(exc))}"
-            result.stopped_reason = (
-                f"{result.stopped_reason}; {note}" if result.stopped_reason else note
-            )
+            result.stopped_reason = _also(result.stopped_reason, note)
+        with contextlib.suppress(Exception):  # a caller's progress bar must not hold the run
+            self.progress.close()
 
     def _status(self, error: BaseException | None) -> tuple[str, str | None]:
+        if isinstance(error, asyncio.CancelledError | KeyboardInterrupt):
+            return "interrupted", "cancelled"
         if error is not None:
             return "failed", f"internal error: {one_line(repr(error))}"
         if self.abandoned is not None:
@@ -511,8 +537,12 @@ class Pipeline:
         return "done", None
 
 
+def _also(reason: str | None, note: str) -> str:
+    return f"{reason}; {note}" if reason else note
+
+
 def _limiter(backend: Backend, workers: int) -> Limiter:
-    if backend.batch_size > 1:  # in-process backends batch instead of running side by side
+    if backend.wants_pixels:  # in-process backends batch instead of running side by side
         return Limiter(1)
     if workers == AUTO:
         return Limiter.auto(maximum=AUTO_MAX)
@@ -535,8 +565,4 @@ def _outcomes(counts: Counts) -> list[int]:
 
 def _under(path: str, roots: list[str]) -> bool:
     """Only files under the roots of this run can be declared gone."""
-    for root in roots:
-        root = os.path.abspath(root)
-        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
-            return True
-    return False
+    return any(scan.inside(path, os.path.abspath(root)) for root in roots)
