@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -112,6 +113,40 @@ def test_keywords_with_commas_or_line_breaks_are_refused_in_one_line(tmp_path):
         out = vlmtag("tags", "add", photo, bad, db=db)
         assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
     no_traceback(out)
+
+
+@pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
+def test_keywords_another_tool_writes_into_the_photo_keep_it_the_same_picture(tmp_path):
+    pics = tmp_path / "pics"
+    paint_folder(pics, 4)
+    jpeg, png = (str(next(pics.rglob(f"*.{ext}"))) for ext in ("jpg", "png"))
+    db = tmp_path / "v.db"
+    with FakeServer() as server:
+        tag = ("tag", str(pics), "--api-base", server.url, "--json")
+        assert vlmtag(*tag, db=db).returncode == 0
+        for photo in (jpeg, png):
+            assert vlmtag("tags", "add", photo, "Grace Hopper", db=db).returncode == 0
+            assert vlmtag("tags", "remove", photo, "solid colour", db=db).returncode == 0
+        for photo in (jpeg, png):  # what Lightroom or digiKam does when it writes keywords
+            written = subprocess.run(
+                [
+                    "exiftool",
+                    "-q",
+                    "-overwrite_original",
+                    "-XMP-dc:Subject+=Holiday",
+                    "-XMP-xmp:Rating=4",
+                    "-Comment=edited",
+                    photo,
+                ],
+                capture_output=True,
+                text=True,
+            )
+            assert written.returncode == 0, written.stderr
+        again = json.loads(vlmtag(*tag, db=db).stdout)
+    assert (again["tagged"], again["skipped"]) == (0, 4)  # nothing to ask the model again
+    for photo in (jpeg, png):
+        words = readers_agree(db, photo, pics)
+        assert "Grace Hopper" in words and "solid colour" not in words, photo
 
 
 # ---- 2. every image ends in exactly one outcome -------------------------------------------

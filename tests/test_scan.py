@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from unprivileged import as_unprivileged
 from vlmtag.errors import ImageError
@@ -296,9 +299,48 @@ def test_read_file_permission_denied(photos_dir):
 def test_content_id_is_sha256_hex(photos_dir):
     assert content_id(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     data = (photos_dir / "chelsea.jpg").read_bytes()
-    assert content_id(data) == hashlib.sha256(data).hexdigest()
-    assert content_id(data) != content_id(data + b"\0")
     assert len(content_id(data)) == 64
+    assert content_id(data) != content_id(data + b"\0")  # a trailer is part of the picture
+    webp = (photos_dir / "coffee.jpg").read_bytes()
+    assert content_id(b"RIFF" + webp) == hashlib.sha256(b"RIFF" + webp).hexdigest()
+
+
+def jpeg_segment(marker: int, payload: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload).to_bytes(4, "big")
+    return len(payload).to_bytes(4, "big") + kind + payload + crc
+
+
+def test_content_id_ignores_the_metadata_photo_tools_rewrite_but_not_the_pixels(photos_dir):
+    data = (photos_dir / "chelsea.jpg").read_bytes()
+    xmp = jpeg_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta>cat</x:xmpmeta>")
+    iptc = jpeg_segment(0xED, b"Photoshop 3.0\0" + b"8BIM" * 10)
+    tagged = data[:2] + xmp + iptc + jpeg_segment(0xFE, b"a comment") + data[2:]
+    assert content_id(tagged) == content_id(data)
+    scan = data.index(b"\xff\xda")
+    touched = bytearray(data)
+    touched[scan + 40] ^= 0x01  # one bit of the image data
+    assert content_id(bytes(touched)) != content_id(data)
+    profile = data[:2] + jpeg_segment(0xE2, b"ICC_PROFILE\0" + bytes(64)) + data[2:]
+    assert content_id(profile) != content_id(data)  # a colour profile changes how it looks
+    assert (
+        content_id(data[:2] + b"\x00garbage" + data[2:])
+        == hashlib.sha256(data[:2] + b"\x00garbage" + data[2:]).hexdigest()
+    )  # not laid out as JPEG says: the whole file
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(buffer, "PNG")
+    png = buffer.getvalue()
+    end = png.rindex(b"IEND") - 4
+    texted = png[:end] + png_chunk(b"tEXt", b"Keywords\0cat") + png_chunk(b"tIME", bytes(7))
+    assert content_id(texted + png[end:]) == content_id(png)
+    assert content_id(png[:-12]) == hashlib.sha256(png[:-12]).hexdigest()  # cut short
+    other = io.BytesIO()
+    Image.new("RGB", (20, 10), (200, 30, 31)).save(other, "PNG")
+    assert content_id(other.getvalue()) != content_id(png)
 
 
 def test_walk_stops_between_entries_when_told(tmp_path):

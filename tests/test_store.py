@@ -8,7 +8,7 @@ import pytest
 
 from rows import annotation
 from vlmtag.errors import StoreError
-from vlmtag.library import current
+from vlmtag.library import current, decisions
 from vlmtag.library.db import APP_ID, Store
 from vlmtag.library.rows import FailureRow, FileSeen, Missing
 from vlmtag.library.schema import MIGRATIONS, SCHEMA_VERSION
@@ -228,6 +228,40 @@ def test_schema_3_moves_hand_tags_into_decisions_of_the_image(tmp_path):
             ("cat", "model"),
             ("grandma", "person"),
         ]
+    finally:
+        s.close()
+
+
+def test_a_file_hashed_before_schema_4_keeps_its_decisions_when_first_rewritten(tmp_path):
+    """Old ids hashed the metadata too; once another tool writes a keyword into such a file it
+    gets a new id, and the decisions made on the old one are made again on it, once."""
+    path = tmp_path / "old.db"
+    _schema_3(path)
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "INSERT INTO files (path, content_id, size, mtime_ns, first_seen, last_seen) "
+        "VALUES ('/p/b.jpg', 'c2', 1, 1, 'then', 'then')"
+    )
+    conn.commit()
+    conn.close()
+    s = Store.open(path)
+    try:
+        w = Writer(s.path)
+        w.put(FileSeen("/p/a.jpg", 2, 2, "c1-new"))  # rewritten by Lightroom
+        w.put(FileSeen("/p/b.jpg", 1, 1, "c2"))  # seen unchanged: still the old kind of id
+        w.close()
+        carried = s.conn.execute(
+            "SELECT action, keyword, language, author FROM decisions WHERE content_id = 'c1-new'"
+        ).fetchall()
+        assert [tuple(r)[:3] for r in carried] == [("add", "grandma", "")]
+        flags = dict(s.conn.execute("SELECT path, whole_file_id FROM files"))
+        assert flags == {"/p/a.jpg": 0, "/p/b.jpg": 1}
+        decisions.decide_keywords(s, ["c1-new"], "reject", ["grandma"])
+        w = Writer(s.path)
+        w.put(FileSeen("/p/a.jpg", 3, 3, "c1-newer"))  # hashed the new way now: a new picture
+        w.close()
+        rows = s.conn.execute("SELECT 1 FROM decisions WHERE content_id = 'c1-newer'")
+        assert rows.fetchall() == []
     finally:
         s.close()
 

@@ -182,3 +182,24 @@ def _last_effective(
         )
         found.sort(key=lambda item: item[1].id, reverse=True)
     return found[:count]
+
+
+def carry_over(conn: sqlite3.Connection, old: str, new: str) -> int:
+    """People's decisions on `old` that still hold, made again on `new` (same words, author
+    and time), unless `new` has decisions of its own; how many. For a file first hashed
+    before schema 4, whose id covered its metadata too: when Lightroom writes a keyword into
+    it, it is still the picture those decisions were made on. Runs inside the caller's
+    transaction; the caller recomputes `new`'s keyword sets."""
+    if conn.execute("SELECT 1 FROM decisions WHERE content_id = ? LIMIT 1", (new,)).fetchone():
+        return 0
+    rows = [
+        (new, d.language, d.action, d.keyword, d.key, d.description, d.author, d.created_at)
+        for d in current.effective(current.load_decisions(conn, old))
+        if d.action in (ADD, REJECT, DESCRIBE)
+    ]
+    conn.executemany(
+        "INSERT INTO decisions (content_id, language, action, keyword, keyword_key, "
+        "description, author, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return len(rows)

@@ -115,7 +115,9 @@ MIGRATIONS: list[str] = [
     # language and model, the newest annotation's keywords with the decisions applied
     # (library/current.py keeps them). The search index and the embeddings follow the sets.
     # Runs say which process ran them, so one left "running" by a kill -9 is closed by the
-    # next open.
+    # next open. Content ids are now hashed without the metadata photo tools rewrite
+    # (ingest/files.py); files hashed before keep their whole-file id until they change, and
+    # `whole_file_id` marks them so people's decisions follow such a file's first rewrite.
     """
     CREATE TABLE decisions (
         id INTEGER PRIMARY KEY,
@@ -175,6 +177,8 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN pid INTEGER;
     ALTER TABLE runs ADD COLUMN host TEXT;
     ALTER TABLE runs ADD COLUMN stopped_reason TEXT;
+    ALTER TABLE files ADD COLUMN whole_file_id INTEGER NOT NULL DEFAULT 0;
+    UPDATE files SET whole_file_id = 1;
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from vlmtag.library import current
+from vlmtag.library import current, decisions
 from vlmtag.library.db import connect, is_busy, now
 from vlmtag.library.paths import to_db
 from vlmtag.library.rows import AnnotationRow, FailureRow, FileSeen, Missing, Row
@@ -330,16 +330,24 @@ def _rollback(conn: sqlite3.Connection) -> None:
 def _write(conn: sqlite3.Connection, row: Row, rules: RulesCache) -> None:
     stamp = now()
     if isinstance(row, FileSeen):
+        path = to_db(row.path)
+        before = conn.execute(
+            "SELECT content_id FROM files WHERE path = ? AND whole_file_id = 1", (path,)
+        ).fetchone()
         conn.execute(
             """
             INSERT INTO files (path, content_id, size, mtime_ns, present, first_seen, last_seen)
             VALUES (?, ?, ?, ?, 1, ?, ?)
             ON CONFLICT (path) DO UPDATE SET content_id = excluded.content_id,
                 size = excluded.size, mtime_ns = excluded.mtime_ns, present = 1,
-                last_seen = excluded.last_seen
+                last_seen = excluded.last_seen,
+                whole_file_id = whole_file_id AND content_id = excluded.content_id
             """,
-            (to_db(row.path), row.content_id, row.size, row.mtime_ns, stamp, stamp),
+            (path, row.content_id, row.size, row.mtime_ns, stamp, stamp),
         )
+        moved = before is not None and before[0] != row.content_id
+        if moved and decisions.carry_over(conn, before[0], row.content_id):
+            current.refresh(conn, [row.content_id], rules)
     elif isinstance(row, AnnotationRow):
         _write_annotation(conn, row, stamp, rules)
     elif isinstance(row, FailureRow):
