@@ -4,7 +4,9 @@ what the errors say."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import socket
+import threading
 from email.utils import formatdate
 from typing import Any
 
@@ -222,3 +224,88 @@ def test_parse_retry_after():
 def test_display_url_hides_credentials():
     assert display_url("http://user:pw@host:8000/v1") == "http://host:8000/v1"
     assert display_url("http://host:8000/v1") == "http://host:8000/v1"
+
+
+class RawServer:
+    """A loopback server that sends one fixed status line and headers, then `body` chunks
+    for as long as the client reads: what a broken proxy or a hostile host can send."""
+
+    def __init__(self, headers: bytes, chunks):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.headers, self.chunks = headers, chunks
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                try:
+                    conn.sendall(self.headers)
+                    for chunk in self.chunks():
+                        conn.sendall(chunk)
+                except OSError:
+                    pass  # the client hung up: what the test wants
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def endless():
+    block = b"x" * 65536
+    while True:
+        yield f"{len(block):x}\r\n".encode() + block + b"\r\n"
+
+
+def test_an_endless_answer_is_cut_off_and_fails_only_that_request():
+    server = RawServer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n",
+        endless,
+    )
+    try:
+        with pytest.raises(InferenceError, match="larger than 16 MB") as err:
+            post(server.url, timeout=30)
+        assert not err.value.retryable
+    finally:
+        server.close()
+
+
+def test_a_gzip_bomb_is_cut_off_unpacked_not_packed():
+    packed = gzip.compress(b"\0" * (64 * 2**20))  # 64 MB of zeros in about 64 KB
+    server = RawServer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        + f"Content-Length: {len(packed)}\r\n\r\n".encode(),
+        lambda: iter([packed]),
+    )
+    try:
+        with pytest.raises(InferenceError, match="larger than 16 MB"):
+            post(server.url, timeout=30)
+    finally:
+        server.close()
+
+
+def test_a_gzipped_answer_within_the_limit_reads_as_usual():
+    body = b'{"done": true, "message": {"role": "assistant", "content": "cat"}}'
+    packed = gzip.compress(body)
+    server = RawServer(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+        + f"Content-Length: {len(packed)}\r\n\r\n".encode(),
+        lambda: iter([packed]),
+    )
+    try:
+        assert post(server.url)["message"]["content"] == "cat"
+    finally:
+        server.close()
+
+
+def test_an_error_status_keeps_its_reason_and_text_after_the_capped_read():
+    with FakeServer() as server:
+        server.fail_next("500", 10)
+        with pytest.raises(HTTPStatusError) as err:
+            post(server.url, policy=RetryPolicy(retries=0))
+        assert err.value.status == 500 and str(err.value).startswith("test answered HTTP 500")

@@ -42,6 +42,8 @@ KEEPALIVE_EXPIRY = 4.0
 # request would wait for a connection and time out without having been sent.
 MAX_CONNECTIONS = 1024  # the CLI caps --workers here
 ERROR_TEXT_LIMIT = 300
+# The most an answer may be, decoded; a tag list with a description is a few KB.
+MAX_ANSWER_BYTES = 16 * 2**20
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 NEVER_RETRY_STATUS = frozenset({400, 401, 403, 404, 422})
@@ -203,9 +205,7 @@ async def request_json(
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout + CONNECT_TIMEOUT):
-                response = await client.request(
-                    method, path, json=json_body, timeout=request_timeout(timeout)
-                )
+                response = await _fetch(client, method, path, json_body, timeout, label)
             if response.status_code >= 400:
                 raise _status_error(response, label)
             result = decode(response)
@@ -245,6 +245,45 @@ async def request_json(
         wait = policy.delay(attempts, retry_after)
         log.info("%s; retry %d/%d in %.1f s", error, attempts, policy.retries, wait)
         await asyncio.sleep(wait)
+
+
+async def _fetch(
+    client: httpx.AsyncClient,
+    method: str,
+    path: str,
+    json_body: Any,
+    timeout: float,
+    label: str,
+) -> httpx.Response:
+    """The response, its body read whole but never past MAX_ANSWER_BYTES once decoded: a
+    server streaming without end, or a small gzip that unpacks to gigabytes, costs at most
+    that much memory and fails this request only."""
+    request = client.build_request(method, path, json=json_body, timeout=request_timeout(timeout))
+    response = await client.send(request, stream=True)
+    try:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > MAX_ANSWER_BYTES:
+                raise InferenceError(
+                    f"{label}: answer larger than {MAX_ANSWER_BYTES // 2**20} MB; no model "
+                    "answers that much, check the server and its --api-base"
+                )
+    finally:
+        await response.aclose()
+    headers = [
+        (k, v)
+        for k, v in response.headers.multi_items()
+        if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")
+    ]
+    extensions = {k: v for k, v in response.extensions.items() if k != "network_stream"}
+    return httpx.Response(
+        response.status_code,
+        headers=headers,
+        content=bytes(body),
+        request=request,
+        extensions=extensions,
+    )
 
 
 async def infer_each(backend: Any, images: list[Any], request: Any) -> list[Any]:
@@ -309,7 +348,7 @@ def error_text(response: httpx.Response) -> str:
             text = found if isinstance(found, str) else json.dumps(found)
     if not text:
         text = response.text if body is None else json.dumps(body)
-    text = _redact(_snippet(text), response)
+    text = _snippet(_redact(text, response))  # masked whole, before it is cut
     return text or response.reason_phrase or "no error text"
 
 
