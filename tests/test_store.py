@@ -269,13 +269,13 @@ def test_a_file_hashed_before_schema_4_keeps_its_decisions_when_first_rewritten(
 def test_a_run_left_running_by_a_dead_process_is_closed_on_open(tmp_path):
     s = Store.open(tmp_path / "v.db")
     run_id = s.start_run("ollama", "m", "k", {})
+    alive = s.start_run("ollama", "m", "k", {})  # still held by s
     s.conn.execute("UPDATE runs SET pid = 999999999 WHERE id = ?", (run_id,))  # no such pid
-    alive = s.start_run("ollama", "m", "k", {})  # this process: alive
-    s.close()
+    s.close()  # lets go of both locks: neither run can be finished now
     s = Store.open(tmp_path / "v.db")
     status = dict(s.conn.execute("SELECT id, status FROM runs"))
     s.close()
-    assert status == {run_id: "interrupted", alive: "running"}
+    assert status == {run_id: "interrupted", alive: "interrupted"}
 
 
 def test_a_read_only_database_opens_read_only_and_says_so_when_written(tmp_path):

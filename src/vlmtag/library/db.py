@@ -4,6 +4,10 @@ WAL mode with synchronous=NORMAL: a crash (even power loss) loses at most the la
 uncommitted batch and never corrupts the file. During a run only the Writer writes rows.
 A database can be opened read-only (a file or folder without write permission, a copy on a
 read-only share): search, show and export then work, nothing is written.
+
+A running run holds an exclusive lock on a file beside the database (<db>-run<id>.lock):
+whoever opens the database next can tell a run that is still going from one whose process
+is gone, whatever its pid says (containers, pids used again).
 """
 
 from __future__ import annotations
@@ -18,18 +22,28 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
-from vlmtag.errors import StoreError
+from vlmtag.errors import Interrupted, StoreError
 from vlmtag.library import current
 from vlmtag.library.paths import from_db, to_db
+from vlmtag.library.runlock import (
+    alive,
+    hold_run_lock,
+    let_go,
+    lock_if_free,
+    open_run_lock,
+    run_lock_path,
+    run_lock_text,
+)
 from vlmtag.library.schema import MIGRATIONS, PYTHON_STEPS, SCHEMA_VERSION
 
 APP_ID = 0x766C6D74  # "vlmt": marks the file as ours, so a foreign db is never touched
 BUSY_TIMEOUT_MS = 15_000  # wait this long for another vlmtag process holding the write lock
-RUN_ROW_ATTEMPTS = 5  # a run row that meets a locked database is tried this often
-RUN_ROW_BACKOFF = 0.5  # seconds before the second try, doubling
+RUN_ROW_PATIENCE = 80.0  # seconds a run row waits for another process's write lock
+RUN_ROW_POLL_MS = 100  # one wait inside SQLite; between two, a stop of the run is heard
+HURRIED_WAIT_MS = 1_000  # stopping in a hurry: a run row is tried once, waiting this long
 FINAL_STATUSES = ("done", "interrupted", "stopped", "failed")
 
 
@@ -69,6 +83,16 @@ def _connect_readonly(path: str) -> sqlite3.Connection:
         return sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
 
 
+class StopSwitch(Protocol):
+    """What ends the waits of run rows for a locked database (run.control.Control is one)."""
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def hurried(self) -> bool: ...
+
+
 @dataclass(frozen=True, slots=True)
 class KnownFile:
     size: int
@@ -80,16 +104,32 @@ class KnownFile:
 class Store:
     """An open vlmtag database. Use Store.open(); reads here, run rows here, rows by Writer."""
 
-    def __init__(self, path: str, conn: sqlite3.Connection, *, readonly: bool = False):
+    def __init__(
+        self,
+        path: str,
+        conn: sqlite3.Connection,
+        *,
+        readonly: bool = False,
+        stop: StopSwitch | None = None,
+    ):
         self.path = path
         self.conn = conn
         self.readonly = readonly
+        self.stop = stop
+        self._run_locks: dict[int, int] = {}  # run id -> the fd holding its lock file
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, create: bool = True, readonly: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        stop: StopSwitch | None = None,
     ) -> Store:
-        """Open (and migrate) the database at path. readonly: never write to it."""
+        """Open (and migrate) the database at path. readonly: never write to it. stop: a run's
+        stop switch; once it is stopping, a wait for a locked database to take the run's
+        row ends (Interrupted), and in a hurry the run's last row is tried only once."""
         path = os.path.abspath(os.fspath(path))
         if not os.path.exists(path):
             if not create or readonly:
@@ -103,7 +143,7 @@ class Store:
         conn = None
         try:
             conn = connect(path, readonly=readonly)
-            store = cls(path, conn, readonly=readonly)
+            store = cls(path, conn, readonly=readonly, stop=stop)
             store._check_ours()
             if readonly:
                 store._check_version()
@@ -176,28 +216,51 @@ class Store:
                 self.conn.execute(f"PRAGMA user_version = {number + 1}")
 
     def _close_abandoned_runs(self) -> None:
-        """Runs left "running" by a process of this machine that is gone (kill -9, a crash,
-        a power cut) get their final status now."""
+        """Runs left "running" whose process is gone (kill -9, a crash, a power cut) or could
+        not write their last row get their final status now. A run's lock file says whether
+        its process still holds it; a run without one (an older vlmtag, a folder where it
+        could not be made) is judged by its pid, on this machine only."""
         host = socket.gethostname()
-        stale = [
-            r[0]
-            for r in self.conn.execute(
-                "SELECT id, pid, host FROM runs WHERE status = 'running'"
-            ).fetchall()
-            if r[2] in (None, host) and not _alive(r[1])
-        ]
-        if not stale:
-            return
-        # Busy or read-only: the next open does it.
-        with contextlib.suppress(sqlite3.OperationalError), self.transaction() as conn:
-            conn.executemany(
-                "UPDATE runs SET status = 'interrupted', finished_at = ?, stopped_reason = ?"
-                " WHERE id = ? AND status = 'running'",
-                [
-                    (now(), "the process ended before the run did (killed or crashed)", i)
-                    for i in stale
-                ],
-            )
+        rows = self.conn.execute(
+            "SELECT id, pid, host, started_at FROM runs WHERE status = 'running'"
+        ).fetchall()
+        stale: list[int] = []
+        taken: list[tuple[int, str]] = []  # locks of gone runs, held until their rows close
+        try:
+            for run_id, pid, run_host, started_at in rows:
+                path = run_lock_path(self.path, run_id)
+                fd = open_run_lock(path, run_lock_text(run_id, started_at))
+                gone = None if fd is None else lock_if_free(fd)
+                if gone is None:  # no lock of this run to ask: its pid says
+                    if fd is not None:
+                        os.close(fd)
+                    if run_host in (None, host) and not alive(pid):
+                        stale.append(run_id)
+                elif gone:
+                    taken.append((fd, path))
+                    stale.append(run_id)
+                else:  # its process holds the lock: the run is going on
+                    os.close(fd)
+            if not stale:
+                return
+            try:
+                with self.transaction() as conn:
+                    conn.executemany(
+                        "UPDATE runs SET status = 'interrupted', finished_at = ?, "
+                        "stopped_reason = ? WHERE id = ? AND status = 'running'",
+                        [
+                            (now(), "the process ended before the run did (killed or crashed)", i)
+                            for i in stale
+                        ],
+                    )
+            except sqlite3.OperationalError:
+                return  # busy or read-only: the next open does it
+            for _, path in taken:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        finally:
+            for fd, _ in taken:
+                os.close(fd)
 
     def transaction(self) -> _Transaction:
         return _Transaction(self.conn)
@@ -214,6 +277,11 @@ class Store:
             raise store_error(self.path, exc) from exc
 
     def close(self) -> None:
+        """Close the connection. A run started here and not finished lets go of its lock:
+        the next open closes its row as interrupted."""
+        for fd in self._run_locks.values():
+            os.close(fd)
+        self._run_locks.clear()
         self.conn.close()
 
     # ---- reads -------------------------------------------------------------------------
@@ -286,7 +354,8 @@ class Store:
                 (backend, model, prompt_key) * 2,
             )
 
-        self._patiently(forget)
+        with contextlib.suppress(Interrupted):  # stopped meanwhile: the run does nothing
+            self._patiently(forget, interruptible=True)
 
     def failures_of(self, path: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM failures WHERE path = ?", (to_db(path),))
@@ -306,23 +375,40 @@ class Store:
     # ---- runs --------------------------------------------------------------------------
 
     def start_run(self, backend: str, model: str, prompt_key: str, params: dict) -> int:
-        def insert() -> int:
-            cur = self.conn.execute(
-                "INSERT INTO runs (started_at, backend, model, prompt_key, params, pid, host) "
-                "VALUES (?,?,?,?,?,?,?)",
-                (
-                    now(),
-                    backend,
-                    model,
-                    prompt_key,
-                    json.dumps(params, sort_keys=True),
-                    os.getpid(),
-                    socket.gethostname(),
-                ),
-            )
-            return int(cur.lastrowid)
+        """A new run row, "running"; its lock file is held until finish_run (or close).
+        Interrupted if the stop switch is set while another process holds the write lock."""
 
-        return self._patiently(insert)
+        def insert() -> int:
+            started_at = now()
+            fd = None
+            try:
+                with self.transaction() as conn:
+                    cur = conn.execute(
+                        "INSERT INTO runs (started_at, backend, model, prompt_key, params, pid, "
+                        "host) VALUES (?,?,?,?,?,?,?)",
+                        (
+                            started_at,
+                            backend,
+                            model,
+                            prompt_key,
+                            json.dumps(params, sort_keys=True),
+                            os.getpid(),
+                            socket.gethostname(),
+                        ),
+                    )
+                    run_id = int(cur.lastrowid)
+                    # Before the commit: nobody can see the row without its lock held.
+                    path = run_lock_path(self.path, run_id)
+                    fd = hold_run_lock(path, run_lock_text(run_id, started_at))
+            except BaseException:
+                if fd is not None:
+                    let_go(fd, path)
+                raise
+            if fd is not None:
+                self._run_locks[run_id] = fd
+            return run_id
+
+        return self._patiently(insert, interruptible=True)
 
     def finish_run(
         self,
@@ -343,18 +429,36 @@ class Store:
             )
 
         self._patiently(update)
+        fd = self._run_locks.pop(run_id, None)
+        if fd is not None:
+            let_go(fd, run_lock_path(self.path, run_id))
 
-    def _patiently(self, write):
-        """A single write, tried again while another process holds the lock (bounded)."""
-        delay = RUN_ROW_BACKOFF
-        for attempt in range(RUN_ROW_ATTEMPTS):
-            try:
-                return write()
-            except sqlite3.OperationalError as exc:
-                if not is_busy(exc) or attempt == RUN_ROW_ATTEMPTS - 1:
-                    raise store_error(self.path, exc) from exc
-            time.sleep(delay)
-            delay *= 2
+    def _patiently(self, write, *, interruptible: bool = False):
+        """A single write, tried again while another process holds the write lock, for
+        RUN_ROW_PATIENCE seconds. SQLite waits in short steps, so the stop switch is heard
+        between them: an interruptible write then gives up (Interrupted); any other, once
+        the run is stopping in a hurry, is tried once more, briefly, and no more."""
+        hurried = self.stop is not None and self.stop.hurried and not interruptible
+        deadline = time.monotonic() + RUN_ROW_PATIENCE
+        self.conn.execute(
+            f"PRAGMA busy_timeout = {HURRIED_WAIT_MS if hurried else RUN_ROW_POLL_MS}"
+        )
+        try:
+            while True:
+                try:
+                    return write()
+                except sqlite3.OperationalError as exc:
+                    if not is_busy(exc) or time.monotonic() >= deadline:
+                        raise store_error(self.path, exc) from exc
+                    if self.stop is not None and interruptible and self.stop.stopping:
+                        raise Interrupted(
+                            f"interrupted while waiting for the database {self.path}: another "
+                            "program (another vlmtag run?) is writing to it; nothing was done"
+                        ) from None
+                    if hurried or (self.stop is not None and self.stop.hurried):
+                        raise store_error(self.path, exc) from exc
+        finally:
+            self.conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
 
 def _python_step(conn: sqlite3.Connection, number: int) -> None:
@@ -405,18 +509,6 @@ def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
-
-
 def is_busy(exc: BaseException) -> bool:
     text = str(exc)
     return "locked" in text or "busy" in text
@@ -436,7 +528,8 @@ def store_error(path: str, exc: sqlite3.DatabaseError) -> StoreError:
         )
     if is_busy(exc):
         return StoreError(
-            f"the database {path} is busy: another vlmtag run holds it; wait for it to finish"
+            f"the database {path} is busy: another program (another vlmtag run?) is writing "
+            "to it; wait for it to finish, or pass another --db FILE"
         )
     if "readonly" in text or "read-only" in text or "unable to open" in text:
         return StoreError(

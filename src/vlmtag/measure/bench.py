@@ -2,11 +2,13 @@
 
 Against a real server it shows client time vs server time (Ollama's timing fields); with
 --simulate SLOTS,SECONDS it runs against a simulated server in its own process and shows
-how close vlmtag comes to the ideal wall time of that server.
+how close vlmtag comes to the ideal wall time of that server. Ctrl-C, SIGTERM or SIGHUP
+at any moment ends it with Interrupted (exit 130) and no report: a cut run measures nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -17,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from vlmtag.config import Settings
-from vlmtag.errors import UsageError
+from vlmtag.errors import Interrupted, UsageError
 from vlmtag.ingest import scan
 
 SYNTHETIC_SIZE = (4000, 3000)  # 12 MP, like a phone photo
@@ -89,12 +91,18 @@ async def run_bench(
     settings: Settings, count: int, image_path: str | None, simulate: tuple[int, float] | None
 ) -> dict[str, Any]:
     from vlmtag.measure.simulate import SimulatedProcess
+    from vlmtag.run.control import Control, handle_signals
     from vlmtag.run.job import run_tag
 
-    with tempfile.TemporaryDirectory(prefix="vlmtag-bench-") as tmp:
+    # One stop switch for the whole bench, not only its run: a signal while the images are
+    # made, the simulated server starts or the folder is removed ends it the same way.
+    control = Control()
+    with handle_signals(control), tempfile.TemporaryDirectory(prefix="vlmtag-bench-") as tmp:
         images = os.path.join(tmp, "images")
         os.mkdir(images)
-        paths = pick_images(image_path, count, images)
+        # In a thread: the loop hears a signal while the images are made.
+        paths = await asyncio.to_thread(pick_images, image_path, count, images)
+        _unless_stopped(control, "before its run started")
         db = os.path.join(tmp, "bench.db")
         run_settings = replace(settings, paths=[images], db=db, force=True)
         if simulate:
@@ -103,9 +111,10 @@ async def run_bench(
                 run_settings = replace(
                     run_settings, backend="ollama", model="simulated", api_base=[sim.url]
                 )
-                result = await run_tag(run_settings)
+                result = await run_tag(run_settings, control=control, signals=False)
         else:
-            result = await run_tag(run_settings)
+            result = await run_tag(run_settings, control=control, signals=False)
+        _unless_stopped(control, f"after {result.tagged} of {len(paths)} images")
         report = result.summary()
         report["images"] = len(paths)
         report["synthetic"] = image_path is None
@@ -116,4 +125,11 @@ async def run_bench(
             report["simulated"] = {"slots": slots, "seconds": seconds}
             report["ideal_seconds"] = round(ideal, 3)
             report["efficiency"] = round(ideal / result.wall_seconds, 3) if ideal else 0.0
-        return report
+    _unless_stopped(control, "at its end")
+    return report
+
+
+def _unless_stopped(control, when: str) -> None:
+    if control.stopping:
+        how = "interrupted" if control.reason in (None, "interrupted") else control.reason
+        raise Interrupted(f"bench {how} {when}: no report; run it again to measure")

@@ -7,6 +7,7 @@ Wires the store, the backend(s), the request and the pipeline together in one pl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from dataclasses import replace
 
@@ -64,9 +65,16 @@ def check_paths(paths: list[str]) -> None:
 
 
 async def run_tag(
-    settings: Settings, progress: Progress | None = None, control: Control | None = None
+    settings: Settings,
+    progress: Progress | None = None,
+    control: Control | None = None,
+    *,
+    signals: bool = True,
 ) -> RunResult:
-    """Tag every image under settings.paths; return the counts and timings of the run."""
+    """Tag every image under settings.paths; return the counts and timings of the run.
+
+    Ctrl-C, SIGTERM and SIGHUP stop it (see run.control); signals=False where the caller
+    already turns them into stops of control (vlmtag bench, for its whole length)."""
     check_paths(settings.paths)
     description = settings.description
     if description is None:
@@ -75,10 +83,12 @@ async def run_tag(
         tag_count=settings.tag_count, description=description, language=settings.language
     )
     backends = make_backends(settings)
-    store = Store.open(settings.db or default_db_path())
     control = control or Control()
+    # The store hears the stop too: a wait for a locked database to take the run's row
+    # ends at Ctrl-C, and in a hurry the run's last row is tried only once.
+    store = Store.open(settings.db or default_db_path(), stop=control)
     try:
-        with handle_signals(control):
+        with handle_signals(control) if signals else contextlib.nullcontext():
             await _start(backends, control)
             if control.stopping:
                 raise Interrupted("interrupted while the servers were checked; nothing was done")
@@ -93,10 +103,18 @@ async def _start(backends: list[Backend], control: Control) -> None:
     """Check every server (at once); a signal while they answer stops the wait."""
     starting = asyncio.ensure_future(asyncio.gather(*(b.start() for b in backends)))
     stopped = asyncio.ensure_future(control.wait())
-    await asyncio.wait([starting, stopped], return_when="FIRST_COMPLETED")
-    stopped.cancel()
-    if not starting.done():
-        starting.cancel()
+    try:
+        await asyncio.wait([starting, stopped], return_when="FIRST_COMPLETED")
+    finally:
+        stopped.cancel()
+        given_up = not starting.done()
+        if given_up:
+            starting.cancel()
+            # Its end is waited for and taken: a gather dropped unread is printed at exit
+            # ("_GatheringFuture exception was never retrieved").
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+    if given_up:
         return
     starting.result()
     models = {b.model for b in backends}

@@ -24,7 +24,7 @@ from vlmtag.ingest import identity, imaging, scan
 from vlmtag.ingest.files import content_id as hash_content
 from vlmtag.library.db import Store
 from vlmtag.library.rows import FileSeen, Missing, Row
-from vlmtag.library.writer import Writer
+from vlmtag.library.writer import CLOSE_TIMEOUT, Writer
 from vlmtag.models.base import Backend
 from vlmtag.redact import Redactor
 from vlmtag.run.answers import AGAIN, STORE, Answers
@@ -40,6 +40,7 @@ from vlmtag.types import PreparedImage, Reply, Request
 AUTO = 0  # --workers auto: find the server's parallelism as the run goes
 MAX_LOST = 3  # an image whose server drops the connection this often is a failure
 GRACE_SECONDS = 10.0  # after Ctrl-C, how long in-flight requests may finish before cancel
+HURRIED_CLOSE_TIMEOUT = 10.0  # a second Ctrl-C: the writer gets this long to commit what it has
 LOOKAHEAD_PER_THREAD = 2  # images being read/decoded ahead, per preprocessing thread
 READY_PER_WORKER = 2  # prepared images waiting, per request slot
 
@@ -237,7 +238,7 @@ class Pipeline:
 
     def _load_known(self):
         # A second connection: the event loop goes on beside it.
-        store = Store.open(self.store.path)
+        store = Store.open(self.store.path, stop=self.control)
         try:
             b, o = self.lead, self.options
             # --retry-failed asks again for what failed even where an older answer is kept;
@@ -495,7 +496,9 @@ class Pipeline:
     # ---- the end -------------------------------------------------------------------------
 
     async def _finish(self, result: RunResult, started: float, error: BaseException | None):
-        stats = await asyncio.to_thread(self.writer.close)
+        # Stopping at once (a second Ctrl-C) waits for the writer only briefly.
+        timeout = HURRIED_CLOSE_TIMEOUT if self.control.hurried else CLOSE_TIMEOUT
+        stats = await asyncio.to_thread(self.writer.close, timeout)
         await asyncio.sleep(0)  # what the writer reported last (call_soon_threadsafe) lands
         counts = self.ledger.finish()
         result.counts = counts
