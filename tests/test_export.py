@@ -6,9 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -153,6 +156,105 @@ def test_a_stream_to_a_folder_and_files_to_a_file_are_refused(lib, tmp_path):
     assert result.exit_code == 2 and "--caption does not apply" in result.stderr
 
 
+def test_out_never_overwrites_a_photo_of_the_library_or_the_database(lib, tmp_path):
+    lib.tag_all(["cat"])
+    photo = lib.paths["cat.jpg"]
+    before = photo.read_bytes()
+    (tmp_path / "link").symlink_to(lib.root, target_is_directory=True)
+    for out in [photo, lib.root / "sub dir" / ".." / "cat.jpg", tmp_path / "link" / "cat.jpg"]:
+        for extra in [(), ("--dry-run",)]:
+            result = lib.export("--format", "csv", "--out", str(out), *extra)
+            assert result.exit_code == 2, (out, result.stderr)
+            assert result.stderr.count("\n") == 1 and "never overwrites a photo" in result.stderr
+    assert photo.read_bytes() == before
+    result = lib.export("--format", "jsonl", "--out", str(lib.db))
+    assert result.exit_code == 2 and "is the vlmtag database" in result.stderr
+    assert Store.open(lib.db).file_row(str(photo)) is not None  # the database is whole
+
+
+def test_a_failed_stream_export_keeps_the_older_file_and_leaves_no_half_one(lib, tmp_path):
+    import resource
+    import signal
+
+    lib.tag_all(["cat"], "A photo. " * 12_000)  # about 500 KB of jsonl
+    out = tmp_path / "tags.jsonl"
+    out.write_text("an older good export\n")
+
+    def file_size_limit() -> None:  # as a full disk would: writes past 300 KB fail
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    before = set(tmp_path.iterdir())
+    result = subprocess.run(
+        [sys.executable, "-m", "vlmtag", "export", "--out", str(out), "--db", str(lib.db)],
+        capture_output=True, text=True, timeout=120, preexec_fn=file_size_limit,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "was not written (File too large)" in result.stderr
+    assert out.read_text() == "an older good export\n"
+    assert set(tmp_path.iterdir()) - before <= {
+        tmp_path / "vlmtag.db-wal",
+        tmp_path / "vlmtag.db-shm",
+    }
+    result = lib.export("--out", str(out))  # without the limit it is replaced, whole
+    assert result.exit_code == 0 and len(out.read_text().splitlines()) == 5
+
+
+def test_an_out_that_cannot_be_written_is_one_line(lib, tmp_path):
+    lib.tag_all(["cat"])
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    (tmp_path / "a file").write_text("")
+    cases = [
+        (("--out", "/dev/full"), 1, "No space left on device"),
+        (("--out", str(pipe)), 1, "a named pipe that nothing reads"),  # not a hang
+        (("--out", "/sys/vlmtag.jsonl"), 1, "not written"),
+        (("--format", "txt", "--out", str(tmp_path / "a file" / "sub")), 2, "cannot be made"),
+        (("--format", "xmp", "--out", "/proc/vlmtag"), 2, "cannot be made"),
+    ]
+    for args, code, why in cases:
+        result = lib.export(*args)
+        assert result.exit_code == code, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and why in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_stops_an_export_as_ctrl_c_does(lib, sig):
+    lib.tag_all(["cat"], "A photo. " * 12_000)  # more than a pipe holds
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlmtag", "export", "--db", str(lib.db)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    proc.stdout.read(100)  # it is writing; nobody reads on, so it waits on the full pipe
+    time.sleep(0.5)
+    proc.send_signal(sig)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=30) == 130
+    assert stderr == f"vlmtag: error: stopped by {sig.name}\n"
+
+
+def test_an_export_stopped_while_writing_keeps_the_older_file_and_no_temporary_one(tmp_path):
+    from vlmtag.cli.common import Stopped
+    from vlmtag.output.files import replacing
+
+    out = tmp_path / "tags.jsonl"
+    out.write_text("an older good export\n")
+    with pytest.raises(Stopped), replacing(str(out)) as fh:
+        fh.write("half of a new one")
+        raise Stopped("SIGTERM")  # what the handler raises where the export is
+    assert out.read_text() == "an older good export\n"
+    assert list(tmp_path.iterdir()) == [out]
+
+
+def test_the_stop_handlers_are_put_back_when_a_command_ends(lib):
+    lib.tag_all(["cat"])
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    assert lib.export().exit_code == 0
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)) == before
+
+
 # ---- txt captions ----------------------------------------------------------------------
 
 
@@ -287,6 +389,25 @@ def test_a_sidecar_that_is_not_xml_is_a_failure_left_untouched(lib):
     assert broken.read_bytes() == b"<x:xmpmeta half written"
 
 
+def test_a_sidecar_nested_too_deeply_fails_that_image_only(lib):
+    lib.tag_all(["cat"])
+    deep = lib.root / "coffee.jpg.xmp"
+    nested = b"<a>" * 100_000 + b"</a>" * 100_000
+    deep.write_bytes(
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
+        b'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description>'
+        + nested
+        + b"</rdf:Description></rdf:RDF></x:xmpmeta>"
+    )
+    before = deep.read_bytes()
+    result = lib.export(str(lib.root), "--format", "xmp")
+    assert result.exit_code == 1, result.stderr
+    assert f"failed: {lib.paths['coffee.jpg']}" in result.stderr
+    assert "nested too deeply" in result.stderr
+    assert "written 4, skipped 0, failed 1" in result.stderr
+    assert deep.read_bytes() == before
+
+
 # ---- path safety -----------------------------------------------------------------------
 
 
@@ -346,6 +467,14 @@ def test_a_stored_path_with_dot_dot_is_refused(lib, tmp_path):
     beside = lib.export(str(lib.root), "--format", "txt")
     assert beside.exit_code == 1 and "written 5, skipped 0, failed 1" in beside.stderr
     assert not (tmp_path / "escape.txt").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "-nan", "inf", "-inf", "-0.1", "1.5", "x"])
+def test_min_confidence_must_be_a_number_from_0_to_1(lib, value):
+    lib.tag_all(["cat"])
+    result = lib.export("--min-confidence", value)
+    assert result.exit_code == 2 and "--min-confidence" in result.stderr
+    assert result.stdout == ""
 
 
 # ---- --embed ---------------------------------------------------------------------------
@@ -425,6 +554,30 @@ def test_embed_dry_run_changes_nothing(lib):
     assert result.exit_code == 0 and "would write 5" in result.stderr
     assert len(result.stdout.splitlines()) == 5
     assert all(p.read_bytes() == data for p, data in before.items())
+
+
+@needs_exiftool
+def test_embed_treats_lightroom_and_digikam_hierarchy_leaves_as_theirs(lib):
+    photo = lib.paths["cat.jpg"]
+    subprocess.run(
+        ["exiftool", "-q", "-overwrite_original", "-XMP-lr:HierarchicalSubject=Places|Paris",
+         "-XMP-digiKam:TagsList=Events/Party", "-XMP-digiKam:TagsList=sunset", str(photo)],
+        check=True,
+    )  # fmt: skip
+    tags = ("-IPTC:Keywords", "-XMP-dc:Subject", "-XMP-lr:HierarchicalSubject",
+            "-XMP-digiKam:TagsList", "-XMP-vlmtag:all")  # fmt: skip
+    lib.tag("cat.jpg", ["paris", "party", "sunset", "cat"], "A cat.")
+    assert lib.export(str(photo), "--embed").exit_code == 0
+    found = exiftool_json(photo, tags=tags)[0]
+    assert found["XMP-dc:Subject"] == ["cat"]  # the rest are theirs already: no copies
+    assert found["XMP-lr:HierarchicalSubject"] == ["Places|Paris", "cat"]
+    assert found["XMP-digiKam:TagsList"] == ["Events/Party", "sunset", "cat"]
+    lib.tag("cat.jpg", ["sofa"], "A sofa.")  # the model changes its mind: only "cat" goes
+    assert lib.export(str(photo), "--embed").exit_code == 0
+    found = exiftool_json(photo, tags=tags)[0]
+    assert found["XMP-dc:Subject"] == ["sofa"]
+    assert found["XMP-lr:HierarchicalSubject"] == ["Places|Paris", "sofa"]
+    assert found["XMP-digiKam:TagsList"] == ["Events/Party", "sunset", "sofa"]
 
 
 def test_embed_without_exiftool_says_how_to_install_it(lib, monkeypatch, tmp_path):

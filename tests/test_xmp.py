@@ -146,6 +146,55 @@ def test_digikam_tagslist_is_kept_in_step_when_the_sidecar_has_one():
     assert "Places/Home" in items and items.count("cat") == 4  # subject, hierarchical, tags, ours
 
 
+def with_hierarchies(lightroom: list[str], digikam: list[str]) -> bytes:
+    """PERSON_SIDECAR as Lightroom and digiKam leave it: keywords in their own lists only."""
+
+    def bag(items: list[str]) -> bytes:
+        return b"".join(b"<rdf:li>%s</rdf:li>" % item.encode() for item in items)
+
+    return (
+        PERSON_SIDECAR.replace(b"<rdf:li>Places|Home</rdf:li>", bag(lightroom))
+        .replace(
+            b"</rdf:Description>",
+            b"<digiKam:TagsList><rdf:Seq>" + bag(digikam) + b"</rdf:Seq></digiKam:TagsList>"
+            b"</rdf:Description>",
+        )
+        .replace(b'xmlns:lr="', b'xmlns:digiKam="http://www.digikam.org/ns/1.0/" xmlns:lr="')
+    )
+
+
+def tagslist(data: bytes) -> list[str]:
+    return xmp._values(xmp._descriptions(xmp.parse(data)[0]), xmp.DIGIKAM, "TagsList")
+
+
+def test_keywords_only_in_a_lightroom_or_digikam_hierarchy_are_theirs_and_stay():
+    person = with_hierarchies(["Places|Paris", "Animals|Cat"], ["Events/Party", "sunset"])
+    first = xmp.merge_sidecar(person, meta(["paris", "cat", "party", "sunset", "tree"]))
+    got = values(first)
+    assert got["keywords"] == ["tree"]  # the rest a person has already, as leaves
+    assert got["subject"] == ["holiday", "tree"]  # no copy of theirs
+    assert got["hierarchicalSubject"] == ["Places|Paris", "Animals|Cat", "tree"]
+    assert tagslist(first) == ["Events/Party", "sunset", "tree"]
+    # The model changes its mind: only "tree" is ours to take out; theirs stay as they were.
+    second = xmp.merge_sidecar(first, meta(["lamp"]))
+    got = values(second)
+    assert got["hierarchicalSubject"] == ["Places|Paris", "Animals|Cat", "lamp"]
+    assert tagslist(second) == ["Events/Party", "sunset", "lamp"]
+    assert got["subject"] == ["holiday", "lamp"] and got["keywords"] == ["lamp"]
+
+
+def test_one_of_ours_a_person_filed_in_a_hierarchy_is_theirs_from_then_on():
+    first = xmp.merge_sidecar(with_hierarchies([], []), meta(["paris", "tree"]))
+    root, prefixes = xmp.parse(first)
+    tags = root.find(f".//{xmp.q(xmp.DIGIKAM, 'TagsList')}")
+    tags.find(f".//{xmp.q(xmp.RDF, 'li')}").text = "Places/paris"  # digiKam files it
+    filed = xmp.serialize(root, prefixes)
+    assert tagslist(filed) == ["Places/paris", "tree"]
+    got = values(xmp.merge_sidecar(filed, meta(["tree"])))
+    assert "paris" in got["subject"] and "paris" in got["hierarchicalSubject"]
+    assert got["keywords"] == ["tree"]
+
+
 @pytest.mark.parametrize(
     "data, why",
     [

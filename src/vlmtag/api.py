@@ -27,7 +27,7 @@ from vlmtag.library.current import ALL_LANGUAGES, Decision, ImageView, KeywordCo
 from vlmtag.library.db import Store, default_db_path
 from vlmtag.library.rows import FileSeen
 from vlmtag.output import formats
-from vlmtag.output.files import Outcome, Placement, common_folder, export_files
+from vlmtag.output.files import Outcome, Placement, common_folder, export_files, replacing
 from vlmtag.output.records import record
 from vlmtag.text import keyword_key, person_keyword
 
@@ -276,8 +276,30 @@ class Library:
             return counts
         if out is None:
             return {"created": self.export_stream(fmt, sys.stdout, **options)}
-        with open(os.path.expanduser(out), "w", encoding="utf-8", newline="") as fh:
-            return {"created": self.export_stream(fmt, fh, **options)}
+        return {"created": self.export_to_file(fmt, out, **options)}
+
+    def export_to_file(self, fmt: str, out: str, **options: Any) -> int:
+        """export_stream into the file out, which only a whole export replaces; UsageError for
+        a file that must never be overwritten (an image of the library, the library itself)."""
+        out = os.path.expanduser(out)
+        self.check_export_target(out)
+        with replacing(out) as fh:
+            return self.export_stream(fmt, fh, **options)
+
+    def check_export_target(self, out: str) -> None:
+        """UsageError when writing the file out would destroy a photo or the database."""
+        path = os.path.abspath(out)
+        real = os.path.realpath(path)
+        if any(self.store.file_row(p) is not None for p in {path, real}):
+            raise UsageError(
+                f"--out {out} is an image in the library; an export never overwrites a "
+                "photo: give the name of a new file (tags.jsonl)"
+            )
+        db = os.path.realpath(self.store.path)
+        if real in {db, db + "-wal", db + "-shm", db + "-journal"}:
+            raise UsageError(
+                f"--out {out} is the vlmtag database; give the name of a new file (tags.jsonl)"
+            )
 
     def export_stream(
         self,
@@ -324,7 +346,13 @@ class Library:
                 paths = (v.path for v in self.images(language=language, model=model))
                 root = common_folder(paths) or os.getcwd()
             if not dry_run:
-                os.makedirs(out_dir, exist_ok=True)
+                try:
+                    os.makedirs(out_dir, exist_ok=True)
+                except OSError as exc:
+                    raise UsageError(
+                        f"--out {out_dir}: the folder cannot be made ({exc.strerror or exc}); "
+                        "give a folder you can write to"
+                    ) from None
         placement = Placement(out_dir, root, create=not dry_run)
         views = self.images(language=language, model=model, folder=folder)
         return export_files(views, kind, placement, skip_existing=skip_existing, dry_run=dry_run)

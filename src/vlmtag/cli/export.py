@@ -22,6 +22,7 @@ from vlmtag.cli.common import (
     open_library,
     redact,
 )
+from vlmtag.cli.options import NumberRange
 from vlmtag.text import display_path
 
 FORMATS = ("jsonl", "json", "csv", "txt", "xmp")
@@ -55,7 +56,7 @@ QUIET_SKIPS = ("exists", "nothing to write")
 @language_option
 @click.option(
     "--min-confidence",
-    type=click.FloatRange(0, 1),
+    type=NumberRange(0, 1),
     default=None,
     metavar="X",
     help="Leave out model keywords whose confidence is below X (0-1); a person's keywords "
@@ -177,13 +178,22 @@ def _check_flags(fmt: str, embed: bool, out: str | None, given: set[str]) -> Non
 
 def _export_stream(library, which: dict, fmt: str, out: str | None, dry_run: bool) -> None:
     where = out or "standard output"
+    to_file = bool(out) and out != "-"
+    if to_file:
+        library.check_export_target(out)
     if dry_run:
         count = sum(1 for _ in library.images(**_selection(which)))
         click.echo(f"export (dry run): would write {count} images to {where}", err=True)
         return
-    if out and out != "-":
-        with open(out, "w", encoding="utf-8", newline="") as fh:
-            count = library.export_stream(fmt, fh, **which)
+    if to_file:
+        try:
+            count = library.export_to_file(fmt, out, **which)
+        except OSError as exc:
+            fail(
+                f"--out {out} was not written ({exc.strerror or exc}); an older file there "
+                "is kept as it was",
+                EXIT_PARTIAL,
+            )
     else:
         count = library.export_stream(fmt, sys.stdout, **which)
     click.echo(f"export: written {count}, skipped 0, failed 0 ({fmt} to {where})", err=True)

@@ -225,11 +225,17 @@ class Change:
 def plan_change(image: str, current: dict[str, Any], meta: xmp.Metadata) -> Change:
     """What to write so the image holds vlmtag's metadata by the merge rule, given what it has."""
     lists = {name: _as_list(current.get(name)) for name in READ_TAGS}
+    elsewhere = xmp.hierarchy_keywords(
+        lists["XMP-lr:HierarchicalSubject"],
+        lists["XMP-digiKam:TagsList"],
+        lists["XMP-vlmtag:Keywords"],
+    )
     plan = xmp.plan_keywords(
         lists["XMP-dc:Subject"] + lists["IPTC:Keywords"],
         lists["XMP-vlmtag:Keywords"],
         lists["XMP-vlmtag:RemovedKeywords"],
         meta.keywords,
+        elsewhere=elsewhere,
     )
     # IPTC and XMP keywords are kept in step (as the Metadata Working Group asks): each gets
     # the other's keywords too, so a reader that prefers one of them loses nothing.

@@ -8,12 +8,13 @@ file that exists is merged or replaced as its format says, never clobbered by ac
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TextIO
 
 from vlmtag.ingest.scan import inside
 from vlmtag.library.current import ImageView
@@ -181,6 +182,8 @@ def _export_one(
         return Outcome(image, target, "failed", f"left as it is: {exc}")
     except OSError as exc:
         return Outcome(image, target, "failed", exc.strerror or str(exc))
+    except RecursionError:  # one hostile value fails its own image, not the export
+        return Outcome(image, target, "failed", "not written: a value in it is nested too deeply")
     return Outcome(image, target, "created" if existing is None else "updated")
 
 
@@ -199,6 +202,56 @@ def _read_existing(target: str) -> tuple[bytes | None, int | None]:
     fd = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     with os.fdopen(fd, "rb") as fh:
         return fh.read(MAX_EXISTING_BYTES + 1), stat.S_IMODE(st.st_mode)
+
+
+@contextlib.contextmanager
+def replacing(target: str) -> Iterator[TextIO]:
+    """A text file (UTF-8) that takes target's place when the block ends without an error.
+
+    Until then target is as it was: a failed or interrupted export leaves no half file and
+    never destroys an older good one (the temporary file is removed). A target that is not a
+    regular file (/dev/stdout, a named pipe) is written to directly; a pipe without a reader
+    is refused rather than waited on.
+    """
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        with _open_stream(target, st) as fh:
+            yield fh
+        return
+    folder, name = os.path.split(os.path.abspath(target))
+    temp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.vlmtag-tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(temp, flags, 0o666)  # the umask applies, as for any new file
+    try:
+        with open(fd, "w", encoding="utf-8", newline="") as fh:
+            yield fh
+            if st is not None:  # an older file is replaced: the new one must be whole first
+                fh.flush()
+                os.fsync(fh.fileno())
+        if st is not None:
+            os.chmod(temp, stat.S_IMODE(st.st_mode))
+        os.replace(temp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+
+
+def _open_stream(target: str, st: os.stat_result) -> TextIO:
+    flags = os.O_WRONLY
+    if stat.S_ISFIFO(st.st_mode):
+        flags |= os.O_NONBLOCK  # ENXIO at once when nothing reads the pipe, not a hang
+    try:
+        fd = os.open(target, flags)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO and stat.S_ISFIFO(st.st_mode):
+            raise OSError(exc.errno, "it is a named pipe that nothing reads") from None
+        raise
+    os.set_blocking(fd, True)
+    return open(fd, "w", encoding="utf-8", newline="")
 
 
 def write_atomic(target: str, data: bytes, *, mode: int | None = None) -> None:

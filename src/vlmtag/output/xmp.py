@@ -1,6 +1,7 @@
 """XMP sidecars: build one, or merge vlmtag's keywords and description into an existing one.
 
-The merge rule: a person's keywords, descriptions and every other property stay; keywords
+The merge rule: a person's keywords (also those only in a Lightroom or digiKam hierarchy),
+descriptions and every other property stay; keywords
 vlmtag wrote before (listed in vlmtag:keywords) are replaced, and one a person took out is
 remembered (vlmtag:removedKeywords) and never put back. plan_keywords() is that rule, shared
 with embedding into images (embed.py).
@@ -36,6 +37,8 @@ _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]
 # TagsList before dc:subject, so when a sidecar has one, it gets our keywords too.
 KEYWORD_LISTS = ((DC, "subject", "Bag"), (LR, "hierarchicalSubject", "Bag"))
 OPTIONAL_KEYWORD_LISTS = ((DIGIKAM, "TagsList", "Seq"),)
+HIERARCHY_SEPARATOR = "|"  # Lightroom's, in lr:hierarchicalSubject
+TAGSLIST_SEPARATOR = "/"  # digiKam's, in digiKam:TagsList
 
 
 class SidecarError(Exception):
@@ -83,12 +86,15 @@ def plan_keywords(
     ours_before: Iterable[str],
     removed_before: Iterable[str],
     tags: list[str],
+    *,
+    elsewhere: Iterable[str] = (),
 ) -> KeywordPlan:
     """Which keywords are ours after this export, given what the file holds now.
 
     present: the file's keywords now; ours_before: what vlmtag wrote last time. A keyword in
     ours_before that is no longer present was taken out by a person. A tag a person already
-    has (compared case-insensitively) stays theirs, so it is never removed later.
+    has (compared case-insensitively) stays theirs, so it is never removed later. elsewhere:
+    keywords a person has only in another list (hierarchy_keywords()); they are theirs too.
     """
     present = list(present)
     before = list(dict.fromkeys(ours_before))
@@ -96,7 +102,8 @@ def plan_keywords(
     removed = list(dict.fromkeys([*removed_before, *(k for k in before if k not in present_set)]))
     removed_folded = {k.casefold() for k in removed}
     before_set = set(before)
-    theirs = {k.casefold() for k in present if k not in before_set}
+    claimed = {k.casefold() for k in elsewhere}
+    theirs = {k.casefold() for k in present if k not in before_set} | claimed
     ours: list[str] = []
     seen: set[str] = set()
     for tag in tags:
@@ -104,7 +111,27 @@ def plan_keywords(
         if tag and folded not in theirs and folded not in removed_folded and folded not in seen:
             seen.add(folded)
             ours.append(tag)
-    return KeywordPlan(ours=ours, stale=frozenset(before_set - set(ours)), removed=removed)
+    # One of ours that a person has since put in a hierarchy is theirs now: it stays everywhere.
+    stale = {k for k in before_set - set(ours) if k.casefold() not in claimed}
+    return KeywordPlan(ours=ours, stale=frozenset(stale), removed=removed)
+
+
+def hierarchy_keywords(
+    lightroom: Iterable[str], digikam: Iterable[str], ours_before: Iterable[str]
+) -> list[str]:
+    """The keywords a person has in lr:hierarchicalSubject or digiKam:TagsList.
+
+    Lightroom writes "Places|Paris" and digiKam "Places/Paris": the leaf, "Paris", is the
+    keyword. An entry that is exactly one vlmtag wrote before is our copy, not a person's.
+    """
+    before = set(ours_before)
+    found: list[str] = []
+    for entries, separator in ((lightroom, HIERARCHY_SEPARATOR), (digikam, TAGSLIST_SEPARATOR)):
+        for entry in entries:
+            leaf = entry.rsplit(separator, 1)[-1].strip()
+            if entry not in before and leaf:
+                found.append(leaf)
+    return found
 
 
 def xml_text(text: str) -> str:
@@ -136,8 +163,11 @@ def new_sidecar(meta: Metadata) -> bytes:
 def merge_sidecar(data: bytes, meta: Metadata) -> bytes:
     """The existing sidecar `data` with vlmtag's metadata merged in; raises SidecarError."""
     root, prefixes = parse(data)
-    _merge_into(root, meta)
-    return serialize(root, prefixes)
+    try:
+        _merge_into(root, meta)
+        return serialize(root, prefixes)
+    except RecursionError:  # indenting and writing walk the tree: a hostile one is too deep
+        raise SidecarError("its elements are nested too deeply for an XMP file") from None
 
 
 def q(namespace: str, name: str) -> str:
@@ -271,11 +301,18 @@ def _merge_into(root: ET.Element, meta: Metadata) -> None:
     )
     descriptions = _descriptions(root)
     main = descriptions[0]
+    before = _values(descriptions, VLMTAG, "keywords")
+    elsewhere = hierarchy_keywords(
+        _values(descriptions, LR, "hierarchicalSubject"),
+        _values(descriptions, DIGIKAM, "TagsList"),
+        before,
+    )
     plan = plan_keywords(
         _values(descriptions, DC, "subject"),
-        _values(descriptions, VLMTAG, "keywords"),
+        before,
         _values(descriptions, VLMTAG, "removedKeywords"),
         meta.keywords,
+        elsewhere=elsewhere,
     )
     for ns, name, kind in KEYWORD_LISTS:
         _apply_plan(descriptions, main, ns, name, kind, plan, create=True)
