@@ -152,6 +152,7 @@ class FakeServer:
         reject_status: int = 400,
         reject_max_tokens: bool = False,
         fault_rates: dict[str, float] | None = None,
+        raw_routes: dict[str, str] | None = None,
         retry_after: float | None = None,
         hang_seconds: float = 30.0,
         seed: int = 0,
@@ -169,6 +170,9 @@ class FakeServer:
         self.reject_status = reject_status  # 400 (OpenAI, LM Studio) or 422 (FastAPI)
         self.reject_max_tokens = reject_max_tokens  # OpenAI reasoning models
         self.fault_rates = dict(fault_rates or {})
+        # path -> BODY answered under HTTP 200, as it is, to every GET or POST of that path:
+        # the odd /api/show, /api/tags or /v1/models a broken or hostile server may send.
+        self.raw_routes = dict(raw_routes or {})
         self.retry_after = retry_after  # Retry-After header on 429/503
         self.hang_seconds = hang_seconds
         self.counts: Counter[str] = Counter()  # "POST /api/chat" -> requests received
@@ -329,6 +333,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         path = self.path.split("?", 1)[0]
         self.fake._arrive(f"GET {path}", path, None)
+        if self._raw_route(path):
+            return
         routes = {
             "/api/version": lambda: {"version": VERSION},
             "/api/tags": self._ollama_tags,
@@ -346,6 +352,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(400, self._error_body(path, "invalid JSON in request body"))
             return
         self.fake._arrive(f"POST {path}", path, body)
+        if self._raw_route(path):
+            return
         if path == "/api/show":
             self._dispatch(lambda: self._ollama_show(body))
         elif path == "/api/chat":
@@ -354,6 +362,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._chat(path, lambda fault: self._openai_chat(body, fault))
         else:
             self._dispatch(None)
+
+    def _raw_route(self, path: str) -> bool:
+        body = self.fake.raw_routes.get(path)
+        if body is not None:
+            self._send(200, body.encode("utf-8", "surrogatepass"), "application/json")
+        return body is not None
 
     def _dispatch(self, route: Any) -> None:
         if route is None:

@@ -91,3 +91,23 @@ def test_doctor_unknown_model_fails_with_the_fix():
         out = run("-m", "vlmtag", "doctor", "--api-base", server.url, "--model", "nope:1b")
     assert out.returncode == 2
     assert "ollama pull nope:1b" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_gpu_share_reads_an_api_ps_of_any_shape():
+    from vlmtag.measure.doctor import gpu_share
+
+    one = {"models": [{"name": "m:1b", "size": 2**31, "size_vram": 2**30}]}
+    assert gpu_share(one, "m:1b") == "50% in GPU memory (1.0 GiB)"
+    assert "CPU only" in gpu_share({"models": [{"model": "m:1b", "size": 5}]}, "m:1b")
+    for odd in (
+        [],
+        "x",
+        None,
+        {"models": "m:1b"},
+        {"models": [None, 3, "m:1b", ["m:1b"]]},
+        {"models": [{"name": "m:1b", "size_vram": "lots"}]},
+        {"models": [{"name": "m:1b", "size": -1, "size_vram": float("nan")}]},
+        {"models": [{"name": "m:1b", "size": 10**400, "size_vram": 10**400}]},
+        {"models": [{"name": ["m:1b"], "size_vram": 1}]},
+    ):
+        assert gpu_share(odd, "m:1b") is None, odd

@@ -240,6 +240,53 @@ def test_usage_errors_exit_2(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     bad = vlmtag("tag", str(tmp_path), "--resize", "big", db=tmp_path / "v.db")
     assert bad.returncode == 2 and "--resize" in bad.stderr
+    nan = vlmtag("tag", str(tmp_path), "--timeout", "nan", db=tmp_path / "v.db")
+    assert nan.returncode == 2 and "'nan' is not a number" in nan.stderr
+
+
+@pytest.mark.parametrize(
+    "url, why",
+    [
+        ("http://localhost:99999", "port is a number from 1 to 65535"),
+        ("http://h:abc", "port is a number"),
+        ("h:abc", "port is a number"),
+        ("http://h:-1", "port is a number"),
+        ("http://[::1", "host or port is not valid"),
+        ("http://h:0", "port 0"),
+        ("http://", "names no host"),
+        ("http://:8080", "names no host"),
+        ("ftp://h:21", "ftp:// is not a server"),
+        ("file:///etc/passwd", "file:// is not a server"),
+        ("http://a b:80", "spaces or control"),
+        ("http://h\x1b[31m:80", "spaces or control"),
+        ("http://ok:1,http://h:abc", "'http://h:abc'"),
+        ("http://user:secret@h:abc", "'http://h:abc'"),  # the password is never shown
+    ],
+)
+def test_an_api_base_that_is_not_a_server_url_is_one_usage_line(tmp_path, url, why):
+    from click.testing import CliRunner
+
+    from vlmtag.cli import cli
+
+    (tmp_path / "pics").mkdir()
+    args = ["tag", str(tmp_path / "pics"), "--api-base", url, "--db", str(tmp_path / "v.db")]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("vlmtag: error: --api-base")
+    assert why in result.stderr and "secret" not in result.stderr
+    assert not (tmp_path / "v.db").exists()  # refused before anything was opened
+
+
+@pytest.mark.parametrize(
+    "variable, value, backend",
+    [("OLLAMA_HOST", "0.0.0.0:abc", "ollama"), ("OPENAI_BASE_URL", "gopher://x", "openai")],
+)
+def test_a_server_url_from_the_environment_is_checked_and_named(tmp_path, variable, value, backend):
+    (tmp_path / "pics").mkdir()
+    env = {**os.environ, variable: value}
+    out = vlmtag("tag", str(tmp_path / "pics"), "--backend", backend, db=tmp_path / "v.db", env=env)
+    assert out.returncode == 2 and out.stderr.startswith(f"vlmtag: error: {variable} ")
+    assert out.stderr.count("\n") == 1
 
 
 def test_bad_files_are_recorded_and_the_run_goes_on(tmp_path, server):

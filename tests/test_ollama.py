@@ -141,6 +141,44 @@ def test_start_on_an_old_server_reads_the_projector():
     assert "no vision encoder" in str(caught.value)
 
 
+ODD_SHOWS = [
+    "[]",
+    '"a string"',
+    "null",
+    "42",
+    '{"capabilities": null, "model_info": null, "details": null}',
+    '{"capabilities": "vision"}',
+    '{"capabilities": [null, 1, {"a": 1}, ["vision"]]}',
+    '{"model_info": [1, 2, 3], "details": ["families"]}',
+    '{"model_info": "vision", "details": {"families": 5}}',
+    '{"details": {"families": "clip"}, "projector_info": null}',
+    '{"details": {"families": [null, {"x": 1}, 3]}}',
+    '{"capabilities": ["completion", "\\u001b[31mred"]}',
+]
+
+
+@pytest.mark.parametrize("body", ODD_SHOWS)
+def test_an_api_show_of_any_shape_is_read_without_a_crash(body):
+    with FakeServer(raw_routes={"/api/show": body}) as server:
+        try:
+            reply = tag(server)  # nothing to go on: the first answers tell
+        except SetupError as exc:  # or a model that cannot see: one clear line
+            assert "cannot see images" in str(exc) or "no vision encoder" in str(exc)
+            assert "\x1b" not in str(exc) and "\n" not in str(exc)
+        else:
+            assert fingerprint_for_rgb(TEST_COLOURS["red"]) in reply.text
+        assert server.count("/api/show") >= 1
+
+
+def test_an_api_show_listing_no_vision_among_odd_items_asks_for_a_vision_model():
+    odd = '{"capabilities": [7, null, "tools"]}'
+    with (
+        FakeServer(raw_routes={"/api/show": odd}) as server,
+        pytest.raises(SetupError, match=r"cannot see images \(capabilities: tools\)"),
+    ):
+        run(backend(server.url), lambda b: asyncio.sleep(0))
+
+
 def test_unknown_model_at_infer_is_not_retried():
     with FakeServer() as server:
         ollama = backend(server.url, model="gone:1b")
@@ -205,6 +243,41 @@ def test_error_under_http_200_is_retried_once():
         assert server.count("/api/chat") == 2 + 2
     assert caught.value.retryable
     assert "an error was encountered while running the model" in str(caught.value)
+
+
+ANSWER = json.dumps({"tags": ["cat"], "description": "A cat."})
+
+
+def test_an_integer_of_thousands_of_digits_fails_that_answer_in_one_line():
+    huge = "9" * 5000  # Python's int() refuses more than 4300 digits
+    content = json.dumps(ANSWER)
+    whole = f'{{"message": {{"content": {content}}}, "done": true, "eval_count": {huge}}}'
+    streamed = (
+        f'{{"message": {{"content": "x"}}, "done": false}}\n{{"done": true, "eval_count": {huge}}}'
+    )
+    for body in (whole, streamed):
+        with FakeServer() as server:
+            server.fail_next("raw:" + body, 2)  # the retry of a broken answer too
+            with pytest.raises(InferenceError, match="number too long to read") as caught:
+                tag(server)
+        assert caught.value.retryable and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "odd", ["9" * 400, "1e400", "-1e400", "NaN", "-5", "true", '"12"', "null", "[1]", "{}"]
+)
+def test_a_timing_that_is_no_duration_is_ignored(odd):
+    fields = ", ".join(f'"{k}": {odd}' for k in ("total_duration", "eval_duration", "eval_count"))
+    content = json.dumps(ANSWER)
+    body = (
+        f'{{"message": {{"content": {content}}}, "done": true, {fields}, "prompt_eval_count": 7}}'
+    )
+    with FakeServer() as server:
+        server.fail_next("raw:" + body)
+        reply = tag(server)
+    assert reply.text == ANSWER
+    assert reply.timings["prompt_eval_count"] == 7.0
+    assert not {"total_duration", "eval_duration", "eval_count"} & set(reply.timings)
 
 
 def test_streamed_answer_is_joined():
@@ -291,3 +364,13 @@ def test_vision_hints_of_old_servers():
     assert has_vision_hints({"model_info": {"mllama.vision.block_count": 32}})
     assert has_vision_hints({"details": {"families": ["llama", "clip"]}})
     assert not has_vision_hints({"model_info": {"llama.block_count": 32}})
+    for odd in (
+        [],
+        "x",
+        None,
+        3,
+        {"model_info": [1]},
+        {"details": []},
+        {"details": {"families": 1}},
+    ):
+        assert not has_vision_hints(odd)

@@ -153,6 +153,23 @@ def test_start_with_an_unknown_model_lists_the_served_ones():
     assert "model-a, model-b" in str(caught.value)
 
 
+def test_model_ids_that_are_no_names_are_skipped():
+    listing = (
+        '{"object": "list", "data": [{"id": null}, {"id": 7}, {"id": ""}, {"id": "  "},'
+        ' {"id": ["x"]}, {"id": {"a": 1}}, "loose", 3, null, {"no": "id"},'
+        ' {"id": "model-a"}, {"id": "model-b"}]}'
+    )
+    with (
+        FakeServer(raw_routes={"/v1/models": listing}) as server,
+        pytest.raises(SetupError) as caught,
+    ):
+        just_start(server.url, model="model-c")
+    assert str(caught.value).count("available: model-a, model-b. Pass") == 1
+    for odd in ["[]", '"models"', "null", '{"data": "x"}', '{"data": [null, 1]}']:
+        with FakeServer(raw_routes={"/v1/models": odd}) as server:
+            assert fingerprint_for_rgb(RED) in tag(server).text  # no list: nothing to check
+
+
 def test_one_model_server_that_takes_any_name_is_accepted():
     # llama-server lists its one model but answers to whatever name is asked for.
     with FakeServer(models={"gemma-3-4b.gguf": ["vision"]}, any_model_name=True) as server:
@@ -294,6 +311,44 @@ def test_error_object_under_http_200_is_retried_once():
             tag(server, retries=3)
         assert server.count("/v1/chat/completions") == 2
     assert "the model crashed" in str(caught.value)
+
+
+def completion(content: str, extra: str = "") -> str:
+    message = '{"role": "assistant", "content": ' + content + "}"
+    return '{"choices": [{"message": ' + message + "}]" + extra + "}"
+
+
+def test_content_parts_whose_text_is_not_text_add_nothing():
+    parts = '[{"type": "text", "text": 5}, {"text": null}, {"text": ["a"]}, {"text": {"x": 1}},'
+    parts += ' "loose", 7, {"type": "image_url"}, {"type": "text", "text": "{\\"tags\\": []}"}]'
+    with FakeServer() as server:
+        server.fail_next("raw:" + completion(parts))
+        assert tag(server).text == '{"tags": []}'
+        server.fail_next("raw:" + completion('[{"type": "text", "text": 5}]'))
+        assert tag(server).text == ""  # nothing to read: the parser fails that image
+
+
+@pytest.mark.parametrize("odd", ["9" * 400, "1e400", "NaN", "-1", "false", '"3"', "null"])
+def test_usage_and_timings_that_are_no_numbers_are_ignored(odd):
+    extra = (
+        f', "usage": {{"prompt_tokens": {odd}, "completion_tokens": 12}},'
+        f' "timings": {{"prompt_ms": {odd}, "predicted_ms": 250}}'
+    )
+    with FakeServer() as server:
+        server.fail_next("raw:" + completion('"{}"', extra))
+        reply = tag(server)
+    assert reply.timings["eval_count"] == 12.0 and reply.timings["eval_duration"] == 0.25
+    assert "prompt_eval_count" not in reply.timings
+    assert "prompt_eval_duration" not in reply.timings
+
+
+def test_an_integer_of_thousands_of_digits_fails_that_answer_in_one_line():
+    body = completion('"{}"', ', "usage": {"prompt_tokens": %s}' % ("9" * 5000))
+    with FakeServer() as server:
+        server.fail_next("raw:" + body, 2)
+        with pytest.raises(InferenceError) as caught:
+            tag(server)
+    assert caught.value.retryable and "\n" not in str(caught.value)
 
 
 def test_truncated_content_is_passed_on_for_parsing():

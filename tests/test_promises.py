@@ -115,6 +115,28 @@ def test_keywords_with_commas_or_line_breaks_are_refused_in_one_line(tmp_path):
     no_traceback(out)
 
 
+def test_words_that_are_not_utf8_on_the_command_line_are_refused_not_mangled(tmp_path):
+    pics = tmp_path / "pics"
+    paint_folder(pics, 1)
+    photo = str(next(pics.rglob("*.jpg")))
+    db = tmp_path / "v.db"
+    with FakeServer() as server:
+        assert vlmtag("tag", str(pics), "--api-base", server.url, db=db).returncode == 0
+    before = json.loads(vlmtag("show", photo, "--json", db=db).stdout)["current"]
+    for args in ([b"tags", b"add"], [b"describe"]):
+        for word in (b"\xff", b"caf\xe9"):  # Latin-1 bytes, as a non-UTF-8 terminal sends
+            out = subprocess.run(
+                [sys.executable, "-m", "vlmtag", *args, os.fsencode(photo), word, b"--db", db],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert out.returncode == 2, out.stderr
+            assert len(out.stderr.splitlines()) == 1 and "not UTF-8 text" in out.stderr
+            assert "\\x" in out.stderr  # the byte shown, escaped
+    assert json.loads(vlmtag("show", photo, "--json", db=db).stdout)["current"] == before
+    ok = vlmtag("tags", "add", photo, "café", "\U0001f600 smile", db=db)  # UTF-8 is fine
+    assert ok.returncode == 0, ok.stderr
+
+
 @pytest.mark.skipif(shutil.which("exiftool") is None, reason="exiftool not installed")
 def test_keywords_another_tool_writes_into_the_photo_keep_it_the_same_picture(tmp_path):
     pics = tmp_path / "pics"
@@ -254,6 +276,9 @@ ODD_BODIES = [
     "[" * 100_000 + "]" * 100_000,
     '{"choices": [{"message": {"content": 5}}]}',
     "",
+    '{"message": {"content": "{}"}, "done": true, "eval_count": %s}' % ("9" * 5000),
+    '{"choices": [{"message": {"content": [{"type": "text", "text": 5}]}}]}',
+    '{"message": {"content": "{}"}, "done": true, "eval_duration": %s}' % ("9" * 400),
 ]
 
 
@@ -323,6 +348,53 @@ def test_names_that_are_not_utf8_round_trip_and_never_collide(tmp_path):
     assert found.stdout == raw + b"\0"  # the real bytes, for xargs -0
     listed = vlmtag("search", "red", db=db).stdout
     assert listed.strip().endswith("caf\\xe9.jpg")  # shown escaped
+
+
+HOSTILE_NAMES = {  # a file name -> how every listing shows it
+    "esc \x1b[2J\x1b[31mred.png": "esc \\x1b[2J\\x1b[31mred.png",
+    "rtl \u202egnp.exe.png": "rtl \\u202egnp.exe.png",
+    "bell\x07 and\nbreak.png": "bell\\x07 and\\nbreak.png",
+    "family 👨\u200d👩\u200d👧 café.png": "family 👨\u200d👩\u200d👧 café.png",  # as it is
+}
+TERMINAL_CONTROLS = ("\x1b", "\x07", "\u202e")
+
+
+def test_display_path_escapes_what_would_steer_a_terminal_and_keeps_the_rest():
+    from vlmtag.text import display_path
+
+    for name, shown in HOSTILE_NAMES.items():
+        assert display_path(name) == shown
+    plain = "/photos/2024/café ☕ 日本.jpg"
+    assert display_path(plain) is plain  # the fast path: no copy
+    assert display_path(os.fsdecode(b"caf\xe9\x1b.jpg")) == "caf\\xe9\\x1b.jpg"
+    assert display_path("lone \ud800 surrogate") == "lone \\ud800 surrogate"
+    assert display_path("\u2028\u2066\x7f\x9b") == "\\u2028\\u2066\\x7f\\x9b"
+
+
+def test_hostile_file_names_are_shown_escaped_by_every_listing(tmp_path):
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    for i, name in enumerate(HOSTILE_NAMES):  # red, each its own picture
+        Image.new("RGB", (40, 30), (200, 40 + 10 * i, 40)).save(pics / name, format="PNG")
+    db = tmp_path / "v.db"
+    with FakeServer() as server:
+        tagged = vlmtag("tag", str(pics), "--api-base", server.url, "--json", db=db)
+    assert json.loads(tagged.stdout)["tagged"] == len(HOSTILE_NAMES), tagged.stderr
+    outs = [
+        vlmtag("search", "red", db=db),
+        vlmtag("export", "--format", "csv", db=db),
+        vlmtag("export", str(pics), "--format", "txt", "--dry-run", db=db),
+        *(vlmtag("show", str(pics / name), db=db) for name in HOSTILE_NAMES),
+    ]
+    no_traceback(*outs)
+    for out in outs:
+        assert out.returncode == 0, out.stderr
+        assert not any(c in out.stdout + out.stderr for c in TERMINAL_CONTROLS), out.stdout
+    listed = outs[0].stdout.splitlines()
+    assert sorted(listed) == sorted(str(pics) + os.sep + shown for shown in HOSTILE_NAMES.values())
+    missing = vlmtag("show", str(pics / "gone \x1b[31m.png"), db=db)
+    assert missing.returncode == 2 and "\\x1b[31m" in missing.stderr
+    assert "\x1b" not in missing.stderr and missing.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", [["search", "cat"], ["show", "x.jpg"], ["tags"], ["export"]])

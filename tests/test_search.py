@@ -137,6 +137,31 @@ def test_malformed_queries_say_what_is_wrong(english, query, message):
         english.find(query)
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "(" * 10_000 + "cat" + ")" * 10_000,
+        "(" * 25 + "cat" + ")" * 25,
+        "(cat OR " * 30 + "dog" + ")" * 30,
+        "cat " + "NOT (dog " * 40 + ")" * 40,
+        "(" * 100_000,
+    ],
+)
+def test_a_deeply_nested_query_is_one_usage_line(english, query):
+    with pytest.raises(UsageError, match="nests parentheses more than 24 deep") as caught:
+        english.find(query)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_nesting_up_to_the_limit_and_a_long_not_chain_are_searched(english):
+    assert english.find("(" * 24 + "dog" + ")" * 24) == english.find("dog")
+    deep = "(cat OR " * 23 + "(cat OR dog)" + ")" * 23  # what FTS5 itself can still parse
+    assert english.find(deep) == english.find("cat OR dog")
+    with pytest.raises(UsageError, match="NOT needs a word after it"):
+        english.find("NOT " * 10_000 + "cat")
+    assert english.find("dog " + "NOT cat " * 2_000) == english.find("dog NOT cat")
+
+
 def test_user_text_never_reaches_sql(english):
     assert english.find("x' ; DROP TABLE files; --") == []
     assert english.find('dog" OR "lawn') == []  # the quoted OR is a word, not an operator
@@ -409,7 +434,9 @@ def test_cli_json_tag_filter_path_model_limit(tagged):
     assert nothing.returncode == 0 and "no images match" in nothing.stderr
 
 
-@pytest.mark.parametrize("query", ['"', "*", "(", "NOT cat", "cat OR"])
+@pytest.mark.parametrize(
+    "query", ['"', "*", "(", "NOT cat", "cat OR", "(" * 10_000 + "cat" + ")" * 10_000]
+)
 def test_cli_malformed_query_exits_2_with_one_line(tagged, query):
     _, db, _ = tagged
     out = vlmtag("search", query, db=db)

@@ -388,3 +388,33 @@ def test_cli_merge_apply_and_usage_errors(tmp_path):
     rules.write_text("this is no rule\n", encoding="utf-8")
     out = vlmtag("tags", "apply", str(rules), db=db)
     assert out.returncode == 2 and "line 1" in out.stderr
+
+
+def test_a_rules_file_that_is_a_pipe_a_device_or_not_text_is_one_line_not_a_hang(tmp_path):
+    import os
+
+    db = tmp_path / "v.db"
+    paint(tmp_path / "pics", ["red"])
+    with FakeServer() as server:
+        assert (
+            vlmtag("tag", str(tmp_path / "pics"), "--api-base", server.url, db=db).returncode == 0
+        )
+    pipe = tmp_path / "rules.fifo"
+    os.mkfifo(pipe)  # nothing ever writes: reading it would wait for ever
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(b"caf\xe9 => coffee\n")
+    huge = tmp_path / "huge.txt"
+    with open(huge, "wb") as fh:
+        fh.truncate(vocab.MAX_RULES_BYTES + 1)  # sparse: nothing to write
+    for path, why in [
+        (pipe, "not a regular file"),
+        ("/dev/zero", "not a regular file"),
+        (tmp_path / "nowhere.txt", "does not exist"),
+        (latin1, "not UTF-8 text"),
+        (huge, "larger than 16 MiB"),
+    ]:
+        out = vlmtag("tags", "apply", str(path), db=db)
+        assert out.returncode == 2, out.stderr
+        assert len(out.stderr.splitlines()) == 1 and why in out.stderr, out.stderr
+    counts = {r["tag"] for r in json.loads(vlmtag("tags", "--json", db=db).stdout)}
+    assert "red" in counts  # nothing was applied

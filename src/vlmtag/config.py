@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from vlmtag.errors import UsageError
 from vlmtag.redact import without_credentials
@@ -15,6 +16,7 @@ from vlmtag.redact import without_credentials
 DEFAULT_MODEL = "qwen3-vl:4b"
 DEFAULT_OLLAMA_URL = "http://localhost:11434"
 DEFAULT_OPENAI_URL = "http://localhost:8000/v1"
+SERVER_SCHEMES = ("http", "https")
 
 # The seed's three plans (performance guide, "综合优化方案"). The seed's fast plan names
 # llava-v1.6:3b, which is not in Ollama's library; qwen3-vl:2b is the small model of the
@@ -117,22 +119,57 @@ def apply_preset(settings: Settings, preset: str | None, explicit: set[str]) -> 
 
 
 def resolve_api_base(settings: Settings) -> list[str]:
-    """Split comma lists, drop duplicates, and fall back to the backend's usual address."""
+    """Split comma lists, drop duplicates, and fall back to the backend's usual address.
+
+    UsageError, naming where it came from, for a URL that is not an http(s) server address.
+    """
     urls: list[str] = []
     for item in settings.api_base:
-        for url in item.split(","):
-            url = url.strip().rstrip("/")
+        for text in item.split(","):
+            url = server_url(text, "--api-base") if text.strip() else ""
             if url and url not in urls:
-                if "://" not in url:
-                    url = "http://" + url
                 urls.append(url)
     if urls:
         return urls
     if settings.backend == "ollama":
-        return [os.environ.get("OLLAMA_HOST_URL") or _ollama_host() or DEFAULT_OLLAMA_URL]
+        if os.environ.get("OLLAMA_HOST_URL"):
+            return [server_url(os.environ["OLLAMA_HOST_URL"], "OLLAMA_HOST_URL")]
+        host = _ollama_host()
+        return [server_url(host, "OLLAMA_HOST") if host else DEFAULT_OLLAMA_URL]
     if settings.backend == "openai":
-        return [os.environ.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_URL]
+        if os.environ.get("OPENAI_BASE_URL"):
+            return [server_url(os.environ["OPENAI_BASE_URL"], "OPENAI_BASE_URL")]
+        return [DEFAULT_OPENAI_URL]
     return []
+
+
+def server_url(text: str, source: str) -> str:
+    """The server address text names ("host:port" gets http://), or UsageError naming the
+    source (a flag or an environment variable) and what is wrong with it."""
+    url = text.strip()
+    if "://" not in url:
+        url = "http://" + url
+    shown = without_credentials(url)
+
+    def wrong(why: str) -> UsageError:
+        return UsageError(
+            f"{source} {shown!r}: {why}; give a server URL like http://localhost:11434"
+        )
+
+    if not url.isprintable() or any(c.isspace() for c in url):
+        raise wrong("it holds spaces or control characters")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:  # "h:abc", "h:99999", "http://[::1"
+        raise wrong("its host or port is not valid (a port is a number from 1 to 65535)") from None
+    if parts.scheme.lower() not in SERVER_SCHEMES:
+        raise wrong(f"{parts.scheme}:// is not a server vlmtag speaks to (http or https)")
+    if not parts.hostname:
+        raise wrong("it names no host")
+    if port == 0:
+        raise wrong("port 0 is not a port a server listens on")
+    return url.rstrip("/")
 
 
 def _ollama_host() -> str | None:

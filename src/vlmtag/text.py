@@ -112,6 +112,7 @@ def person_keyword(value: str) -> str:
     be one (empty, a comma or line break in it, too long)."""
     if not isinstance(value, str):
         raise UsageError(f"{value!r} is not a keyword")
+    typed_text(value, "keyword")
     if _PERSON_FORBIDDEN.search(value):
         shown = value.replace("\n", "\\n").replace("\r", "\\r")
         raise UsageError(
@@ -130,6 +131,27 @@ def person_keyword(value: str) -> str:
     return text
 
 
+def typed_text(value: str, what: str = "text") -> str:
+    """value as a person gave it; UsageError if it holds bytes that are not UTF-8 (a command
+    line or file in another encoding: Python keeps them as lone surrogates). Turned into
+    U+FFFD they would be stored as a word the person never typed ("caf\\xe9" as "caf")."""
+    if _SURROGATE.search(value) and _lone_surrogates(value):
+        raise UsageError(
+            f"the {what} '{display_path(value)}' is not UTF-8 text (its bytes come from another "
+            "encoding); type it again in UTF-8, or set a UTF-8 locale (LANG=C.UTF-8)"
+        )
+    return value
+
+
+def _lone_surrogates(value: str) -> bool:
+    """Whether surrogates in value are not all halves of pairs (which json.loads may leave)."""
+    try:
+        value.encode("utf-16", "surrogatepass").decode("utf-16")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def keyword_key(keyword: str) -> str:
     """What two spellings of one keyword share: "Grace  Hopper" and "grace hopper"."""
     return " ".join(unicodedata.normalize("NFKC", keyword).casefold().split())
@@ -144,12 +166,40 @@ def match_key(word: str) -> str:
 
 def display_path(path: str) -> str:
     """A path fit to print: bytes that are not UTF-8 (kept by os.fsdecode as surrogates)
-    shown as \\xNN escapes, so output never fails on them and never hides them."""
-    try:
-        path.encode("utf-8")
+    shown as \\xNN escapes, so output never fails on them and never hides them; control
+    characters (ESC, a line break) and bidi overrides shown as \\x1b, \\n, \\u202e, so a
+    hostile name cannot move the cursor, recolour the terminal or reverse what follows."""
+    if path.isprintable():  # nearly every path: nothing to escape
         return path
-    except UnicodeEncodeError:
-        return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(_escape(ch) if _unsafe(ch) else ch for ch in path)
+
+
+def printable(text: str) -> str:
+    """Any text (a message, a reason a server gave) escaped as display_path escapes a path."""
+    return display_path(text)
+
+
+# Bidi embeddings, overrides, isolates and marks: they reorder the text after them.
+_BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+# Other format characters (a zero-width joiner in an emoji, ZWNJ in Persian) stay: they
+# move nothing and names need them.
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _unsafe(ch: str) -> bool:
+    return ch in _BIDI_CONTROLS or unicodedata.category(ch) in _UNSAFE_CATEGORIES
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    if ch in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[ch]
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def one_line(text: str, limit: int | None = 300) -> str:

@@ -11,10 +11,14 @@ import click
 
 from vlmtag import __version__
 
+# Commands that turn signals into a clean stop of their own run (run/control.py).
+OWN_SIGNAL_HANDLING = frozenset({"tag", "bench"})
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vlmtag")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Tag and describe every image in a folder with a vision-language model.
 
     Results go to an SQLite database; reruns only do new work. Keywords you add, remove
@@ -27,6 +31,10 @@ def cli() -> None:
       vlmtag search cat
       vlmtag export ~/Pictures --format xmp       # sidecars Lightroom, digiKam read
     """
+    if ctx.invoked_subcommand not in OWN_SIGNAL_HANDLING:
+        from vlmtag.cli.common import stop_on_signals
+
+        stop_on_signals(ctx)
 
 
 # (module, click commands it defines), registered on the `vlmtag` group in this order.

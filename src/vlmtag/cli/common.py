@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sqlite3
 import sys
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import click
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # stop a command as Ctrl-C does
 REDACTOR_KEY = "vlmtag.redact"
 
 DB_HELP = (
@@ -42,8 +44,10 @@ def friendly_errors(f):
             from vlmtag.library.db import store_error
 
             fail(str(store_error(_db_of(kwargs), exc)), EXIT_USAGE)
-        except KeyboardInterrupt:
-            fail("interrupted", EXIT_INTERRUPTED)
+        except KeyboardInterrupt as exc:
+            fail(
+                f"stopped by {exc}" if isinstance(exc, Stopped) else "interrupted", EXIT_INTERRUPTED
+            )
         except ModuleNotFoundError as exc:  # run with a Python that has not got the deps
             fail(
                 f"a module vlmtag needs is not installed ({exc.name}); install vlmtag with "
@@ -64,8 +68,44 @@ def friendly_errors(f):
     return wrapper
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the command is, as Ctrl-C raises KeyboardInterrupt:
+    every `finally` and cleanup runs (an export's temporary file is removed)."""
+
+
+def stop_on_signals(ctx: click.Context) -> None:
+    """SIGTERM and SIGHUP stop this command as Ctrl-C does, until its context closes.
+
+    A signal the parent ignores (SIGHUP under nohup) stays ignored. Commands that handle
+    signals themselves (tag, bench: run/control.py) do not call this.
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    previous = {}
+    for name in STOP_SIGNALS:
+        sig = getattr(signal, name, None)
+        try:
+            if sig is not None and signal.getsignal(sig) is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread (an embedding program): leave them be
+            break
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(sig, handler)
+
+    ctx.call_on_close(restore)
+
+
 def fail(message: str, code: int = EXIT_USAGE):
-    click.echo(f"vlmtag: error: {redact(message)}", err=True)
+    from vlmtag.text import printable
+
+    # Whatever the message quotes (a server's answer, a name) cannot break the one line or
+    # steer the terminal.
+    click.echo(f"vlmtag: error: {printable(redact(message))}", err=True)
     sys.exit(code)
 
 

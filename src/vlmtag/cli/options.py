@@ -3,6 +3,7 @@ they make: defaults < preset < environment < explicit flags."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -28,6 +29,16 @@ class WorkersType(click.ParamType):
 
 
 WORKERS = WorkersType()
+
+
+class NumberRange(click.FloatRange):
+    """A FloatRange that also refuses nan, which passes every comparison a range makes."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number; give one from {self.min:g} to {self.max:g}")
+        return number
 
 
 # The flags that choose the model and what to ask it: shared by tag, bench and doctor.
@@ -102,7 +113,7 @@ MODEL_OPTIONS = [
     click.option("--language", default=None, help="Language of tags and description: en, zh, ..."),
     click.option(
         "--timeout",
-        type=click.FloatRange(1, 86400),
+        type=NumberRange(1, 86400),
         default=None,
         help="Seconds to wait for one answer. Default 300.",
     ),
@@ -118,7 +129,13 @@ def model_options(f):
 
 def settings_from(ctx: click.Context, paths: list[str], flags: dict[str, Any]):
     """Settings from the flags that were given (a preset fills what they do not say)."""
-    from vlmtag.config import Settings, apply_preset, normalise_backend, parse_resize
+    from vlmtag.config import (
+        Settings,
+        apply_preset,
+        normalise_backend,
+        parse_resize,
+        resolve_api_base,
+    )
     from vlmtag.library.db import default_db_path
     from vlmtag.models.prompts import resolve_language
 
@@ -140,6 +157,7 @@ def settings_from(ctx: click.Context, paths: list[str], flags: dict[str, Any]):
             value = list(value)
         setattr(settings, name, value)
     settings.db = os.path.abspath(settings.db or str(default_db_path()))
+    resolve_api_base(settings)  # a URL that is not one is a usage error now, not mid-run
     if settings.backend == "openai":
         settings.api_key = os.environ.get("OPENAI_API_KEY") or None
     settings.language = resolve_language(settings.language)

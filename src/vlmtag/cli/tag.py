@@ -20,7 +20,7 @@ from vlmtag.cli.common import (
     redact,
     remember_redactor,
 )
-from vlmtag.cli.options import model_options, settings_from
+from vlmtag.cli.options import NumberRange, model_options, settings_from
 
 TAG_EPILOG = """\b
 Exit codes: 0 every image tagged or skipped; 1 some images failed (see `vlmtag failures`),
@@ -57,7 +57,7 @@ SUMMARY_NOTES = {
 )
 @click.option(
     "--server-wait",
-    type=click.FloatRange(0, 86400),
+    type=NumberRange(0, 86400),
     default=None,
     help="Seconds to wait for a server that stopped answering before stopping. Default 60.",
 )

@@ -18,7 +18,7 @@ from vlmtag.errors import UsageError
 from vlmtag.library import current
 from vlmtag.library.current import ALL_LANGUAGES, Decision
 from vlmtag.library.db import Store, now
-from vlmtag.text import display_path, keyword_key, person_keyword, valid_utf8
+from vlmtag.text import display_path, keyword_key, person_keyword, typed_text, valid_utf8
 
 ADD, REJECT, DESCRIBE, UNDO = "add", "reject", "describe", "undo"
 MAX_DESCRIPTION_CHARS = 5000
@@ -103,7 +103,7 @@ def describe(
     author: str | None = None,
 ) -> int:
     """Set a person's description (it wins over every model's); returns images changed."""
-    description = " ".join(valid_utf8(text).split())
+    description = " ".join(valid_utf8(typed_text(text, "description")).split())
     if len(description) > MAX_DESCRIPTION_CHARS:
         raise UsageError(
             f"a description of {len(description)} characters is too long "

@@ -38,6 +38,11 @@ TEXT_COLUMNS = "{tags description}"
 RANK = f"bm25({TAG_WEIGHT}, {DESCRIPTION_WEIGHT}, {TAG_WEIGHT})"
 _OPERATORS = ("AND", "OR", "NOT")
 _EXAMPLE = 'e.g. cat, "orange cat", tag:cat, cat OR dog, dog NOT cat'
+MAX_DEPTH = 24  # parentheses inside parentheses; FTS5's parser overflows near 30 of ours
+_TOO_DEEP = (
+    f"the query nests parentheses more than {MAX_DEPTH} deep: write it flatter, "
+    "e.g. (cat OR dog) NOT toy"
+)
 
 
 @dataclass(slots=True)
@@ -92,8 +97,10 @@ def compile_query(query: str) -> str:
     if not tokens:
         raise UsageError(f"nothing to search for in {query!r}: give words, {_EXAMPLE}")
     parser = _Parser(tokens)
-    tree = parser.parse()
-    return _emit(tree)
+    try:
+        return _emit(parser.parse())
+    except RecursionError:  # the depth limit should come first; never a traceback anyway
+        raise UsageError(_TOO_DEEP) from None
 
 
 def _lex(query: str) -> Iterator[_Token]:
@@ -173,6 +180,7 @@ class _Parser:
     def __init__(self, tokens: list[_Token]):
         self.tokens = tokens
         self.i = 0
+        self.depth = 0  # parentheses open at this point
 
     def parse(self) -> object:
         tree = self._or(after=None)
@@ -244,7 +252,11 @@ class _Parser:
         token = self.tokens[self.i]
         self.i += 1
         if token.kind == "(":
+            self.depth += 1
+            if self.depth > MAX_DEPTH:
+                raise UsageError(_TOO_DEEP)
             inner = self._or(after="(")
+            self.depth -= 1
             closing = self._peek()
             if closing is None or closing.kind != ")":
                 raise UsageError('the query has a "(" that is never closed: add a ")"')

@@ -9,15 +9,20 @@ why); a person's later decision on one image wins over the rule.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from collections.abc import Iterable
 
-from vlmtag.errors import UsageError
+from vlmtag.errors import ReadError, UsageError
+from vlmtag.ingest.files import open_regular, read_all
 from vlmtag.library import current
 from vlmtag.library.current import KeywordCount, Selection
 from vlmtag.library.db import Store, now
 from vlmtag.library.rules import DROP, RENAME, VOCABULARY, Edit, parse_rules
-from vlmtag.text import keyword_key, match_key, person_keyword
+from vlmtag.text import display_path, keyword_key, match_key, person_keyword
+
+MAX_RULES_BYTES = 16 * 2**20  # a rules file of synonyms is kilobytes
 
 __all__ = ["DROP", "RENAME", "Edit", "tag_counts", "rename", "merge", "drop", "apply_rules_file"]
 
@@ -58,15 +63,42 @@ def drop(store: Store, word: str) -> int:
 
 def apply_rules_file(store: Store, path: str) -> tuple[list[Edit], int]:
     """Apply a rules file to every image and keep its rules for later runs."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read the rules file {path}: {exc}") from exc
-    edits = parse_rules(text, source=path)
+    edits = parse_rules(read_rules_file(path), source=path)
     if not edits:
         raise UsageError(f"{path} has no rules; write lines like 'kitty, kitten => cat', '-blurry'")
     return edits, apply_edits(store, edits)
+
+
+def read_rules_file(path: str) -> str:
+    """The text of a rules file; UsageError for one that is not a regular UTF-8 file of at
+    most MAX_RULES_BYTES. A FIFO or /dev/zero is refused when opened, never waited on."""
+    shown = display_path(path)
+    # The reasons people meet first, said plainly; open_regular checks again on what it opens.
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UsageError(f"cannot read the rules file {shown}: it does not exist") from None
+    except OSError:
+        mode = stat.S_IFREG  # open_regular says why
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            f"cannot read the rules file {shown}: it is not a regular file (a folder, pipe "
+            "or device); give a text file with one rule a line"
+        )
+    try:
+        stream, st = open_regular(path)
+        with stream:
+            if st.st_size > MAX_RULES_BYTES:
+                raise ReadError(f"it is larger than {MAX_RULES_BYTES // 2**20} MiB")
+            data = read_all(stream, MAX_RULES_BYTES)
+    except ReadError as exc:
+        raise UsageError(f"cannot read the rules file {shown}: {exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"the rules file {shown} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def apply_edits(store: Store, edits: list[Edit]) -> int:

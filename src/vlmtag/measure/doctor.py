@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtag.models.base import Backend
+from vlmtag.models.server import reported_number
 from vlmtag.redact import without_credentials
 from vlmtag.types import PreparedImage, Request
 
@@ -135,17 +136,30 @@ async def ollama_gpu(backend: Backend) -> str | None:
 
     try:
         async with httpx.AsyncClient(base_url=backend.base_url, timeout=10) as client:
-            models = (await client.get("/api/ps")).json().get("models", [])
-    except (httpx.HTTPError, ValueError):
+            listing = (await client.get("/api/ps")).json()
+    except (httpx.HTTPError, ValueError, RecursionError):
         return None
-    for m in models:
-        if m.get("name") == backend.model or m.get("model") == backend.model:
-            size, vram = m.get("size") or 0, m.get("size_vram") or 0
+    return gpu_share(listing, backend.model)
+
+
+def gpu_share(listing: Any, model: str) -> str | None:
+    """How much of model an /api/ps answer puts in GPU memory; None when it does not say
+    (any other shape, or sizes that are no numbers, says nothing)."""
+    models = listing.get("models") if isinstance(listing, dict) else None
+    for m in models if isinstance(models, list) else []:
+        if isinstance(m, dict) and model in (m.get("name"), m.get("model")):
+            size, vram = _bytes(m.get("size")), _bytes(m.get("size_vram"))
+            if vram is None:
+                return None
             if not vram:
                 return "on the CPU only (no GPU memory used): expect tens of seconds per image"
-            share = vram / size if size else 1.0
+            share = min(vram / size, 1.0) if size else 1.0
             return f"{share:.0%} in GPU memory ({vram / 2**30:.1f} GiB)"
     return None
+
+
+def _bytes(value: Any) -> float | None:
+    return 0.0 if value is None else reported_number(value)
 
 
 def advise(report: Report) -> list[str]:

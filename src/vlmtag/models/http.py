@@ -23,6 +23,7 @@ import httpx
 
 from vlmtag.errors import InferenceError, ServerGoneError
 from vlmtag.redact import without_credentials
+from vlmtag.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -362,10 +363,7 @@ def _redact(text: str, response: httpx.Response) -> str:
 
 
 def _snippet(text: str) -> str:
-    text = " ".join(text.split())
-    if len(text) > ERROR_TEXT_LIMIT:
-        text = text[: ERROR_TEXT_LIMIT - 3] + "..."
-    return text
+    return one_line(text, ERROR_TEXT_LIMIT)  # control characters from a server go too
 
 
 def _reason(exc: BaseException) -> str:

@@ -25,7 +25,8 @@ from vlmtag.models.http import (
     post_json,
     why,
 )
-from vlmtag.models.server import ServerBackend
+from vlmtag.models.server import ServerBackend, reported_number
+from vlmtag.text import one_line
 from vlmtag.types import PreparedImage, Reply, Request
 
 DEFAULT_API_BASE = "http://127.0.0.1:11434"
@@ -36,8 +37,10 @@ START_TIMEOUT = 30.0  # /api/version and /api/show answer from metadata, never f
 # and queued time counts against --timeout.
 DEFAULT_WORKERS = 2
 SUGGESTED_MODEL = "qwen3-vl:4b"
+MAX_LISTED = 20  # capabilities named in a message; a hostile server may list thousands
 _TIMING_NS = ("total_duration", "load_duration", "prompt_eval_duration", "eval_duration")
 _COUNTS = ("prompt_eval_count", "eval_count")
+TOO_LONG_NUMBER = "answer holds a number too long to read (thousands of digits)"
 
 
 class OllamaBackend(ServerBackend):
@@ -94,15 +97,19 @@ class OllamaBackend(ServerBackend):
             raise SetupError(f"{exc}; check the model name given with --model") from None
         except InferenceError as exc:
             raise SetupError(f"{exc}; is the Ollama server healthy?") from None
-        self._check_vision(show if isinstance(show, dict) else {})
+        self._check_vision(show)
 
-    def _check_vision(self, show: dict[str, Any]) -> None:
+    def _check_vision(self, show: Any) -> None:
+        """SetupError for a model that cannot see images; /api/show of any shape is read
+        as far as it goes (a field of the wrong type says nothing)."""
+        show = show if isinstance(show, dict) else {}
         capabilities = show.get("capabilities")
         if isinstance(capabilities, list):
-            self._think_off = "thinking" in capabilities
-            if "vision" in capabilities:
+            names = [c for c in capabilities if isinstance(c, str)]
+            self._think_off = "thinking" in names
+            if "vision" in names:
                 return
-            listed = ", ".join(map(str, capabilities)) or "none"
+            listed = one_line(", ".join(names[:MAX_LISTED]), limit=200) or "none"
             raise SetupError(
                 f"model '{self.model}' on {self.shown_url} cannot see images (capabilities:"
                 f" {listed}); pick a vision model, e.g. `ollama pull {SUGGESTED_MODEL}`"
@@ -112,7 +119,8 @@ class OllamaBackend(ServerBackend):
         # (llava) or vision keys in its model_info (mllama, gemma3, qwen2.5vl).
         if has_vision_hints(show):
             return
-        if show.get("model_info"):
+        model_info = show.get("model_info")
+        if isinstance(model_info, dict) and model_info:
             raise SetupError(
                 f"model '{self.model}' on {self.shown_url} shows no vision encoder; pick a"
                 f" vision model, e.g. `ollama pull {SUGGESTED_MODEL}`"
@@ -186,15 +194,18 @@ def normalise_base(url: str) -> str:
     return url
 
 
-def has_vision_hints(show: dict[str, Any]) -> bool:
+def has_vision_hints(show: Any) -> bool:
     """True if an /api/show answer without `capabilities` still shows a vision encoder."""
+    if not isinstance(show, dict):
+        return False
     if show.get("projector_info"):
         return True
-    model_info = show.get("model_info") or {}
-    if any(".vision." in key for key in model_info):
-        return True
-    families = (show.get("details") or {}).get("families") or []
-    return "clip" in families
+    model_info = show.get("model_info")
+    if isinstance(model_info, dict) and any(".vision." in key for key in model_info):
+        return True  # JSON object keys are always strings
+    details = show.get("details")
+    families = details.get("families") if isinstance(details, dict) else None
+    return isinstance(families, list) and "clip" in families
 
 
 def decode_chat(response: httpx.Response) -> Reply:
@@ -204,23 +215,25 @@ def decode_chat(response: httpx.Response) -> Reply:
         chunks = [json.loads(text)]
     except json.JSONDecodeError:
         chunks = _ndjson(text)
+    except ValueError:  # an integer of more than 4300 digits: Python refuses to read it
+        raise BrokenAnswer(TOO_LONG_NUMBER) from None
     except RecursionError:
         raise BrokenAnswer("answer is JSON nested too deep to read") from None
     content: list[str] = []
     final: dict[str, Any] | None = None
     for chunk in chunks:
         if not isinstance(chunk, dict):
-            raise BrokenAnswer(f"unexpected answer: {text[:200]}")
+            raise BrokenAnswer(f"unexpected answer: {one_line(text, 200)}")
         if "error" in chunk:
             # Ollama reports an error that happens after the answer started as an
             # {"error": ...} object under HTTP 200.
             raise BrokenAnswer(f"error while answering: {chunk['error']}")
         message = chunk.get("message") or {}
         if not isinstance(message, dict):
-            raise BrokenAnswer(f"unexpected answer: {text[:200]}")
+            raise BrokenAnswer(f"unexpected answer: {one_line(text, 200)}")
         part = message.get("content") or ""
         if not isinstance(part, str):
-            raise BrokenAnswer(f"the answer's content is not text: {str(part)[:200]}")
+            raise BrokenAnswer(f"the answer's content is not text: {one_line(str(part), 200)}")
         content.append(part)
         if chunk.get("done"):
             final = chunk
@@ -237,17 +250,19 @@ def _ndjson(text: str) -> list[Any]:
             continue
         try:
             chunks.append(json.loads(line))
-        except (json.JSONDecodeError, RecursionError):
-            raise BrokenAnswer(f"answer is not JSON: {line[:200]}") from None
+        except json.JSONDecodeError:
+            raise BrokenAnswer(f"answer is not JSON: {one_line(line, 200)}") from None
+        except ValueError:
+            raise BrokenAnswer(TOO_LONG_NUMBER) from None
+        except RecursionError:
+            raise BrokenAnswer("answer is JSON nested too deep to read") from None
     return chunks
 
 
 def _timings(final: dict[str, Any]) -> dict[str, float]:
     timings: dict[str, float] = {}
-    for key in _TIMING_NS:
-        if isinstance(final.get(key), int | float):
-            timings[key] = final[key] / 1e9
-    for key in _COUNTS:
-        if isinstance(final.get(key), int | float):
-            timings[key] = float(final[key])
+    for key, scale in [*((k, 1e9) for k in _TIMING_NS), *((k, 1.0) for k in _COUNTS)]:
+        number = reported_number(final.get(key), scale)
+        if number is not None:
+            timings[key] = number
     return timings

@@ -29,7 +29,8 @@ from vlmtag.models.http import (
     post_json,
     why,
 )
-from vlmtag.models.server import ServerBackend
+from vlmtag.models.server import ServerBackend, reported_number
+from vlmtag.text import one_line
 from vlmtag.types import PreparedImage, Reply, Request
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,9 @@ def model_ids(listing: Any) -> list[str]:
     data = listing.get("data") if isinstance(listing, dict) else None
     if not isinstance(data, list):
         return []
-    return [str(item["id"]) for item in data if isinstance(item, dict) and "id" in item]
+    ids = (item.get("id") for item in data if isinstance(item, dict))
+    # An id that is no name (null, a number, "") names no model anyone could pass to --model.
+    return [i for i in ids if isinstance(i, str) and i.strip()]
 
 
 def is_strict_schema(schema: dict[str, Any]) -> bool:
@@ -326,19 +329,21 @@ def read_completion(response: httpx.Response) -> Reply:
         error = body.get("error") if isinstance(body, dict) else None
         if isinstance(error, dict):
             error = error.get("message")
-        raise BrokenAnswer(f"no answer in the reply: {error or str(body)[:200]}")
+        raise BrokenAnswer(f"no answer in the reply: {one_line(error or str(body), 200)}")
     choices = body["choices"]
     choice = choices[0] if isinstance(choices, list) else None
     message = choice.get("message") if isinstance(choice, dict) else None
     if not isinstance(message, dict):
-        raise BrokenAnswer(f"the reply is not a chat completion: {str(body)[:200]}")
+        raise BrokenAnswer(f"the reply is not a chat completion: {one_line(str(body), 200)}")
     content = message.get("content")
     if content is None and message.get("refusal"):
         raise InferenceError(f"the model refused: {message['refusal']}", retryable=False)
     if isinstance(content, list):  # content parts: [{"type": "text", "text": "..."}]
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        # A part that is not text (an image, a "text" that is a number or null) adds nothing.
+        texts = [p.get("text") for p in content if isinstance(p, dict)]
+        content = "".join(t for t in texts if isinstance(t, str))
     if content is not None and not isinstance(content, str):
-        raise BrokenAnswer(f"the answer's content is not text: {str(content)[:200]}")
+        raise BrokenAnswer(f"the answer's content is not text: {one_line(str(content), 200)}")
     return Reply(text=content or "", timings=usage_timings(body))
 
 
@@ -351,10 +356,12 @@ def usage_timings(body: dict[str, Any]) -> dict[str, float]:
         ("prompt_eval_count", "prompt_tokens"),
         ("eval_count", "completion_tokens"),
     ):
-        if isinstance(usage.get(theirs), int | float):
-            timings[ours] = float(usage[theirs])
+        number = reported_number(usage.get(theirs))
+        if number is not None:
+            timings[ours] = number
     server = body.get("timings") if isinstance(body.get("timings"), dict) else {}
     for ours, theirs in (("prompt_eval_duration", "prompt_ms"), ("eval_duration", "predicted_ms")):
-        if isinstance(server.get(theirs), int | float):
-            timings[ours] = server[theirs] / 1000
+        number = reported_number(server.get(theirs), 1000)
+        if number is not None:
+            timings[ours] = number
     return timings

@@ -7,6 +7,9 @@ vlmtag.models.http, the one retry layer.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import httpx
 
 from vlmtag.models.base import BackendOptions
@@ -74,3 +77,15 @@ class ServerBackend:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+
+
+def reported_number(value: Any, scale: float = 1.0) -> float | None:
+    """A count or duration a server reported, divided by scale; None for one that cannot be
+    (not a number, negative, NaN, infinite, too large for a float): it is ignored."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = value / scale  # a JSON integer of 400 digits is too large: OverflowError
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None

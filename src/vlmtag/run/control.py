@@ -7,6 +7,7 @@ requests in flight may finish for a short grace period. A second signal stops at
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 
@@ -76,14 +77,15 @@ class handle_signals:  # noqa: N801 - used as a context manager, like contextlib
         self.control = control
         self.seen = 0
         self.loop: asyncio.AbstractEventLoop | None = None
-        self._installed: list[int] = []
+        self._installed: list[tuple[int, object]] = []
 
     def __enter__(self) -> handle_signals:
         self.loop = asyncio.get_running_loop()
         for sig in SIGNALS:
             try:
+                before = signal.getsignal(sig)
                 self.loop.add_signal_handler(sig, self._received, sig)
-                self._installed.append(sig)
+                self._installed.append((sig, before))
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
                 pass
         return self
@@ -98,5 +100,8 @@ class handle_signals:  # noqa: N801 - used as a context manager, like contextlib
 
     def __exit__(self, *exc: object) -> None:
         if self.loop is not None:
-            for sig in self._installed:
+            for sig, before in self._installed:
                 self.loop.remove_signal_handler(sig)
+                # What was there before (a caller's handler, nohup's SIG_IGN) comes back.
+                with contextlib.suppress(TypeError, ValueError, OSError):
+                    signal.signal(sig, before if before is not None else signal.SIG_DFL)
