@@ -102,13 +102,18 @@ def test_hand_keywords_survive_every_later_run_and_every_reader_agrees(tmp_path)
     assert zh["language"] == "zh" and {"Grace Hopper", "iPhone"} <= set(zh["tags"])
 
 
-def test_keywords_with_commas_or_line_breaks_are_refused_in_one_line(tmp_path):
+def one_tagged_photo(tmp_path: Path) -> tuple[str, Path]:
     pics = tmp_path / "pics"
     paint_folder(pics, 1)
     photo = str(next(pics.rglob("*.jpg")))
     db = tmp_path / "v.db"
     with FakeServer() as server:
         assert vlmtag("tag", str(pics), "--api-base", server.url, db=db).returncode == 0
+    return photo, db
+
+
+def test_keywords_with_commas_or_line_breaks_are_refused_in_one_line(tmp_path):
+    photo, db = one_tagged_photo(tmp_path)
     for bad in ("cat, dog", "two\nlines"):
         out = vlmtag("tags", "add", photo, bad, db=db)
         assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr
@@ -116,12 +121,7 @@ def test_keywords_with_commas_or_line_breaks_are_refused_in_one_line(tmp_path):
 
 
 def test_words_that_are_not_utf8_on_the_command_line_are_refused_not_mangled(tmp_path):
-    pics = tmp_path / "pics"
-    paint_folder(pics, 1)
-    photo = str(next(pics.rglob("*.jpg")))
-    db = tmp_path / "v.db"
-    with FakeServer() as server:
-        assert vlmtag("tag", str(pics), "--api-base", server.url, db=db).returncode == 0
+    photo, db = one_tagged_photo(tmp_path)
     before = json.loads(vlmtag("show", photo, "--json", db=db).stdout)["current"]
     for args in ([b"tags", b"add"], [b"describe"]):
         for word in (b"\xff", b"caf\xe9"):  # Latin-1 bytes, as a non-UTF-8 terminal sends
