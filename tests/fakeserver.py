@@ -37,6 +37,7 @@ from PIL import Image, ImageStat
 #   garbage    HTTP 200, model content that is not JSON
 #   truncated  HTTP 200, model content cut off halfway through its JSON
 #   raw:BODY   HTTP 200 with BODY as it is (odd shapes a server may send)
+#   status:CODE:TEXT  HTTP CODE with TEXT as the protocol's error message
 FAULTS = ("hang", "close", "error200", "garbage", "truncated")
 QUANTUM = 32  # fingerprints quantise each mean channel to this step
 VERSION = "0.12.6"
@@ -395,6 +396,9 @@ class _Handler(BaseHTTPRequestHandler):
             if fault and fault.startswith("raw:"):  # any body at all, under HTTP 200
                 self._send(200, fault[4:].encode("utf-8", "surrogatepass"), "application/json")
                 return
+            if fault and fault.startswith("status:"):
+                _, code, text = fault.split(":", 2)
+                raise _Fail(int(code), self._error_body(path, text), {})
             if fault and fault.isdigit():
                 raise _Fail(
                     int(fault),

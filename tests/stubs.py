@@ -19,6 +19,9 @@ from vlmtag.errors import InferenceError, ServerGoneError, SetupError
 from vlmtag.types import PreparedImage, Reply, Request
 
 KINDS = ("ok", "garbage", "error", "crash", "gone", "hang", "cut")
+# Not in KINDS (the property test would wait on them): "stall" never answers and from then
+# on the server accepts no connection (llama-server told to stop); "cutlen" is "cut" with the
+# server saying so (finish_reason "length").
 
 
 class StubServer:
@@ -48,11 +51,13 @@ class StubServer:
         self.calls = 0
         self.answered = 0
         self.down = False  # after a "gone": start() fails too, until revived
+        self.refusing = False  # after a "stall": health checks find no server
+        self.checks = 0
         self._slots = asyncio.Semaphore(slots or 1_000_000)
         self.seen: list[str] = []  # fingerprints of the images it answered
 
     async def start(self) -> None:
-        if self.down:
+        if self.down or self.refusing:
             raise SetupError(f"cannot reach {self.base_url}: connection refused")
 
     async def infer(self, image: PreparedImage, request: Request) -> Reply:
@@ -83,10 +88,23 @@ class StubServer:
             if kind == "gone":
                 self.down = True
                 raise ServerGoneError(f"{self.base_url}: cannot connect (connection refused)")
+            if kind == "stall":
+                self.refusing = True
+                await asyncio.sleep(3600)
+            if kind == "cutlen":
+                facts = describe_image(image.data)
+                text = answer_for(facts)
+                cut = text[: text.index(facts.fingerprint) + len(facts.fingerprint) + 1]
+                return Reply(text=cut, finish="length")
             if kind == "hang":
                 await asyncio.sleep(self.timeout)
                 raise InferenceError(f"{self.base_url}: no answer within {self.timeout} s")
         raise ValueError(f"unknown script kind {kind!r}")
+
+    async def reachable(self) -> str | None:
+        """As ServerBackend.reachable: None while the server takes connections."""
+        self.checks += 1
+        return "it no longer accepts connections" if self.refusing or self.down else None
 
     async def infer_batch(self, images, request):
         return await asyncio.gather(

@@ -179,8 +179,9 @@ def test_faults_that_outlast_the_retries_are_failures_with_stage_and_reason(tmp_
     expected = paint_folder(pics, 6)
     db = tmp_path / "v.db"
     # One request at a time, so each image meets one kind until its retries run out:
-    # 1 try + 3 retries for errors, 1 + 1 for an error under HTTP 200.
-    plan = [("500", 4), ("close", 4), ("hang", 4), ("error200", 2)]
+    # 1 try + 3 retries for errors, 1 + 1 for an error under HTTP 200, and 1 + 1 for a 500
+    # that says the same word for word (at temperature 0 it would say it again).
+    plan = [("500", 2), ("close", 4), ("hang", 4), ("error200", 2)]
     reasons = {
         "500": r"HTTP 500",
         "close": r"closed",
@@ -205,7 +206,8 @@ def test_faults_that_outlast_the_retries_are_failures_with_stage_and_reason(tmp_
             hits = [r for r in unmatched if re.search(reasons[kind], r, re.IGNORECASE)]
             assert hits, f"no failure reads like {kind}: {unmatched}"
             unmatched.remove(hits[0])
-        assert sum("gave up after 4 attempts" in f["reason"] for f in failed) == 3, failed
+        assert sum("gave up after 4 attempts" in f["reason"] for f in failed) == 2, failed
+        assert sum("gave up after 2 attempts" in f["reason"] for f in failed) == 1, failed
         # The rerun sends only the failed ones, once each.
         sent = server.count("/api/chat")
         out = vlmtag("tag", str(pics), "--api-base", server.url, *TIMEOUT, db=db)

@@ -63,15 +63,44 @@ def test_503_is_retried_until_it_works():
         assert server.count("/api/chat") == 3
 
 
-def test_500_gives_up_after_the_retries_with_the_servers_text():
+def test_a_500_said_twice_word_for_word_is_not_sent_a_third_time():
     with FakeServer() as server:
         server.fail_next("500", 10)
         with pytest.raises(HTTPStatusError) as caught:
             post(server.url)
-        assert server.count("/api/chat") == 3  # first try + 2 retries
+        assert server.count("/api/chat") == 2  # first try + 1 retry, then the same text
         assert caught.value.retryable and caught.value.status == 500
         assert "llama runner process has terminated" in str(caught.value)
+        assert "2 attempts" in str(caught.value)
+
+
+def test_500s_that_differ_are_retried_to_the_end():
+    with FakeServer() as server:
+        server.fail_next("500", 1)
+        server.fail_next("502", 1)
+        server.fail_next("500", 10)
+        with pytest.raises(HTTPStatusError) as caught:
+            post(server.url)
+        assert server.count("/api/chat") == 3  # 500, 502, 500: no two the same in a row
         assert "3 attempts" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "request (1100 tokens) exceeds the available context size (1024 tokens), try increasing it",
+        "This model's maximum context length is 4096 tokens. However, you requested 5000",
+        "The model produced output that does not match the expected json format",
+        "image input is not supported - hint: you may need to provide the mmproj",
+    ],
+)
+def test_errors_that_say_the_request_cannot_succeed_are_not_retried(text: str):
+    with FakeServer() as server:
+        server.fail_next(f"status:500:{text}", 5)
+        with pytest.raises(HTTPStatusError) as caught:
+            post(server.url)
+        assert server.count("/api/chat") == 1
+        assert caught.value.status == 500
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])

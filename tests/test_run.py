@@ -387,3 +387,63 @@ def test_a_copy_of_an_unreadable_file_is_read_and_tagged_itself(tmp_path):
     assert (summary["tagged"], summary["failed"], summary["duplicates"]) == (1, 1, 0)
     assert summary["failures"][0]["path"] == locked
     assert summary["failures"][0]["stage"] == "read"
+
+
+def test_an_answer_the_server_says_it_cut_off_is_kept_and_not_asked_again(tmp_path):
+    expected = paint(tmp_path / "pics", 6)
+    server = StubServer("s", "cutlen", slots=1)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [server], workers=1)
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.tagged == 6
+    assert server.calls == 6  # cut off at the same place again at temperature 0: not asked
+
+
+@pytest.fixture
+def quick_suspicion(monkeypatch):
+    """The lanes suspect a quiet server after a fraction of a second, not seconds."""
+    import vlmtag.run.lanes as lanes
+
+    monkeypatch.setattr(lanes, "SUSPECT_FLOOR", 0.1)
+    monkeypatch.setattr(lanes, "SUSPECT_UNKNOWN", 0.2)
+    monkeypatch.setattr(lanes, "WATCH_EVERY", 0.05)
+
+
+def test_a_server_that_holds_its_requests_and_takes_no_new_ones_hands_them_on(
+    tmp_path, quick_suspicion
+):
+    """llama-server told to stop: no answer, no new connection. The other server gets its
+    images at once; nothing waits for the request timeout (an hour here)."""
+    expected = paint(tmp_path / "pics", 24)
+    stopping = StubServer("a", lambda n: "ok" if n < 3 else "stall", latency=0.01)
+    other = StubServer("b", "ok", latency=0.01)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [stopping, other], workers=2)
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.tagged == 24 and result.failed == 0
+    assert stopping.checks >= 1
+    assert result.wall_seconds < 30, result.wall_seconds
+    lane = next(s for s in result.servers if s["server"] == stopping.base_url)
+    assert lane["away"]
+
+
+def test_a_lone_server_that_stops_so_ends_the_run_in_seconds(tmp_path, quick_suspicion):
+    expected = paint(tmp_path / "pics", 12)
+    stopping = StubServer("a", lambda n: "ok" if n < 3 else "stall", latency=0.01)
+    result = run(tmp_path / "v.db", tmp_path / "pics", [stopping], workers=2)
+    assert_accounted(result, expected, tmp_path / "v.db")
+    assert result.tagged == 3 and result.failed == 9
+    assert result.status == "stopped" and "no longer accepts connections" in result.stopped_reason
+    assert result.wall_seconds < 30
+
+
+def test_a_slow_server_that_answers_its_checks_keeps_its_requests(tmp_path, quick_suspicion):
+    expected = paint(tmp_path / "pics", 6)
+    slow = StubServer("a", "ok", latency=0.01)
+    result_fast = run(tmp_path / "v.db", tmp_path / "pics", [slow], workers=2)
+    assert result_fast.tagged == 6
+    # Now each answer takes far longer than the ones before: suspect, checked, left alone.
+    expected = paint(tmp_path / "more", 4)
+    slow.latency = 1.0
+    result = run(tmp_path / "w.db", tmp_path / "more", [slow], workers=2)
+    assert_accounted(result, expected, tmp_path / "w.db")
+    assert result.tagged == 4 and slow.calls == 6 + 4  # none sent twice
+    assert slow.checks >= 1

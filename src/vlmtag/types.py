@@ -50,3 +50,10 @@ class Reply:
     # In-process classifiers answer with structured tags (tag, confidence) and skip parsing.
     tags: list[tuple[str, float | None]] | None = None
     description: str | None = None
+    # Why the model stopped, as the server said: "length" means the answer was cut off
+    # (max tokens, or the context ran out); None where the server does not say.
+    finish: str | None = None
+
+    @property
+    def cut_off(self) -> bool:
+        return self.finish == "length"

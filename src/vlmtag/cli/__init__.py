@@ -31,9 +31,10 @@ def cli(ctx: click.Context) -> None:
       vlmtag search cat
       vlmtag export ~/Pictures --format xmp       # sidecars Lightroom, digiKam read
     """
-    if ctx.invoked_subcommand not in OWN_SIGNAL_HANDLING:
-        from vlmtag.cli.common import stop_on_signals
+    from vlmtag.cli.common import show_warnings, stop_on_signals
 
+    show_warnings()
+    if ctx.invoked_subcommand not in OWN_SIGNAL_HANDLING:
         stop_on_signals(ctx)
 
 

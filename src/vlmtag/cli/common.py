@@ -8,6 +8,7 @@ traceback). Every line goes through the redactor first: no key or password is ev
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import sqlite3
@@ -98,6 +99,27 @@ def stop_on_signals(ctx: click.Context) -> None:
                 signal.signal(sig, handler)
 
     ctx.call_on_close(restore)
+
+
+class _WarningLine(logging.Handler):
+    """The library's warnings as one line each on stderr, redacted and escaped like errors."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from vlmtag.text import printable
+
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a warning that cannot be formatted is not worth a crash
+            message = str(record.msg)
+        click.echo(f"vlmtag: warning: {printable(redact(message))}", err=True)
+
+
+def show_warnings() -> None:
+    """Print the library's warnings (a server that names its model by a path, a context too
+    small for the request) for this command; info and debug stay quiet."""
+    logger = logging.getLogger("vlmtag")
+    if not any(isinstance(h, _WarningLine) for h in logger.handlers):
+        logger.addHandler(_WarningLine(logging.WARNING))
 
 
 def fail(message: str, code: int = EXIT_USAGE):

@@ -76,15 +76,34 @@ def synthetic_jpegs(count: int, folder: str) -> list[str]:
 
 
 def server_seconds(db: str) -> float:
-    """Sum of the server's own time per request (Ollama total_duration), where given."""
+    """Sum of the server's own time per request, from whatever timing fields it gave."""
     conn = sqlite3.connect(db)
     try:
         total = 0.0
         for (timings,) in conn.execute("SELECT server_timings FROM annotations"):
-            total += (json.loads(timings or "{}") or {}).get("total_duration", 0.0)
+            try:
+                fields = json.loads(timings or "{}")
+            except ValueError:
+                continue
+            total += request_server_seconds(fields if isinstance(fields, dict) else {})
         return total
     finally:
         conn.close()
+
+
+def request_server_seconds(timings: dict[str, Any]) -> float:
+    """One request's server time: Ollama's total_duration; else the prompt and answer
+    durations llama.cpp reports (timings.prompt_ms, predicted_ms), stored under the same
+    names; 0 where the server reports none (vLLM, OpenAI)."""
+
+    def seconds(key: str) -> float:
+        value = timings.get(key)
+        return float(value) if isinstance(value, int | float) and value >= 0 else 0.0
+
+    total = seconds("total_duration")
+    if total:
+        return total
+    return seconds("load_duration") + seconds("prompt_eval_duration") + seconds("eval_duration")
 
 
 async def run_bench(

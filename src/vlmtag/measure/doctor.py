@@ -1,15 +1,19 @@
 """`vlmtag doctor`: check a server and measure how many requests it really runs at once.
 
 It checks the server answers and the model exists with vision (the backend's own start
-check), sends one image to see the latency, then 2, 4, 8... at once while the throughput
-keeps growing, asks Ollama whether the model sits in GPU memory (/api/ps), and recommends
-settings.
+check, from what the server publishes where it does), sends one image to see the latency,
+then 2, 4, 8... at once while the throughput keeps growing, asks Ollama whether the model
+sits in GPU memory (/api/ps), and recommends settings. Every request carries a picture of
+its own: a server with a prompt cache (llama.cpp) answers a repeated one without working,
+and would be measured many times faster than it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import itertools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +36,8 @@ class Report:
     latency: float | None = None
     throughput: dict[int, float] = field(default_factory=dict)  # in flight -> images/s
     parallel: int | None = None
+    slots: int | None = None  # requests at once, as the server says
+    context: int | None = None  # tokens per request, as the server says
     gpu: str | None = None
     advice: list[str] = field(default_factory=list)
 
@@ -44,28 +50,46 @@ class Report:
             "latency_seconds": self.latency,
             "images_per_second_by_in_flight": self.throughput,
             "parallel": self.parallel,
+            "slots": self.slots,
+            "context": self.context,
             "gpu": self.gpu,
             "advice": self.advice,
         }
 
 
-def probe_image(size: tuple[int, int] = (512, 384)) -> PreparedImage:
-    """A small photo-like JPEG (gradient and shapes) to send while measuring."""
+def probe_image(size: tuple[int, int] = (512, 384), seed: int = 0) -> PreparedImage:
+    """A small photo-like JPEG (gradient and shapes); each seed draws another one."""
     from PIL import Image, ImageDraw
 
+    rng = random.Random(seed)
     image = Image.linear_gradient("L").resize(size).convert("RGB")
     draw = ImageDraw.Draw(image)
-    draw.ellipse((60, 60, 220, 220), fill=(200, 60, 40))
-    draw.rectangle((300, 120, 460, 320), fill=(40, 90, 200))
+    for _ in range(6):
+        x, y = rng.randrange(size[0] - 60), rng.randrange(size[1] - 60)
+        box = (x, y, x + rng.randrange(30, 160), y + rng.randrange(30, 160))
+        colour = tuple(rng.randrange(256) for _ in range(3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=colour)
     out = io.BytesIO()
     image.save(out, "JPEG", quality=90)
     return PreparedImage(out.getvalue(), "image/jpeg", *size, *size)
 
 
-async def measure(backend: Backend, request: Request, image: PreparedImage, n: int) -> float:
-    """Send n requests at once; return images per second."""
+class ProbeImages:
+    """A new picture for every request (seeded: the same series on every run)."""
+
+    def __init__(self, size: tuple[int, int] = (512, 384)):
+        self._size = size
+        self._seeds = itertools.count(1)
+
+    def next(self) -> PreparedImage:
+        return probe_image(self._size, next(self._seeds))
+
+
+async def measure(backend: Backend, request: Request, images: ProbeImages, n: int) -> float:
+    """Send n requests at once, each with its own picture; return images per second."""
+    batch = [images.next() for _ in range(n)]
     t0 = time.perf_counter()
-    await asyncio.gather(*(backend.infer(image, request) for _ in range(n)))
+    await asyncio.gather(*(backend.infer(image, request) for image in batch))
     return n / (time.perf_counter() - t0)
 
 
@@ -96,19 +120,34 @@ async def examine(backend: Backend, request: Request, *, measure_parallel: bool 
     try:
         await backend.start()
     except VlmtagError as exc:
+        report.model = backend.model
         report.checks.append(("server and model", False, str(exc)))
         return report
     report.model = backend.model
-    report.checks.append(("server and model", True, f"{backend.model} answers and has vision"))
-    image = probe_image()
+    published = getattr(backend, "published", None)
+    report.checks.append(("server and model", True, f"{backend.model} answers"))
+    if getattr(published, "vision", None):
+        report.checks.append(
+            ("vision", True, f"the server says it sees images ({published.source})")
+        )
+    if getattr(published, "slots", None):
+        report.slots = published.slots
+        report.checks.append(
+            ("slots", True, f"{published.slots} requests at once ({published.source})")
+        )
+    if getattr(published, "context", None):
+        report.context = published.context
+        report.checks.append(("context", True, f"{published.context} tokens per request"))
+    images = ProbeImages()
     t0 = time.perf_counter()
     try:
-        await backend.infer(image, request)  # also loads the model: not timed as latency
+        await backend.infer(images.next(), request)  # also loads the model: not timed
     except Exception as exc:  # any failure here is what the user needs to see
         report.checks.append(("first answer", False, str(exc)))
         return report
     first = time.perf_counter() - t0
     report.checks.append(("first answer", True, f"{first:.2f} s (includes loading the model)"))
+    image = images.next()
     t0 = time.perf_counter()
     await backend.infer(image, request)
     report.latency = round(time.perf_counter() - t0, 3)
@@ -117,7 +156,7 @@ async def examine(backend: Backend, request: Request, *, measure_parallel: bool 
     if measure_parallel:
         n = 2
         while n <= MAX_PROBE:
-            rate = await measure(backend, request, image, n)
+            rate = await measure(backend, request, images, n)
             report.throughput[n] = round(rate, 3)
             if rate < report.throughput[n // 2] * GAIN_TO_GO_ON:
                 break
@@ -170,6 +209,11 @@ def advise(report: Report) -> list[str]:
             "the server runs one request at a time: --workers auto (the default) keeps it "
             "busy; to run more at once set OLLAMA_NUM_PARALLEL=4 before `ollama serve` "
             "(qwen2.5vl can run in parallel; qwen3-vl runs one at a time in Ollama)"
+        )
+    elif report.slots:
+        advice.append(
+            f"the server runs {report.slots} requests at once (its slots): --workers auto"
+            " sends that many"
         )
     else:
         advice.append(f"the server ran {parallel} requests at once: --workers auto finds this")

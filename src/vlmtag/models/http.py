@@ -48,6 +48,38 @@ MAX_ANSWER_BYTES = 16 * 2**20
 
 RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 NEVER_RETRY_STATUS = frozenset({400, 401, 403, 404, 422})
+# Error texts that say the request itself cannot succeed, whatever the status: the same
+# request at temperature 0 fails the same way again (llama.cpp, vLLM, LM Studio, Ollama).
+CONTEXT_OVERFLOW = (
+    "exceeds the available context",  # llama.cpp
+    "larger than the max context",  # llama.cpp
+    "maximum context length",  # vLLM, OpenAI
+    "context length exceeded",
+    "context_length_exceeded",
+    "exceeds the context",
+    "input length exceeds",  # Ollama
+    "context overflow",  # LM Studio
+    "prompt is too long",
+)
+CUT_OFF = ("does not match the expected",)  # llama.cpp could not parse a cut-off answer
+NO_IMAGES = (
+    "image input is not supported",  # llama.cpp without --mmproj
+    "does not support multimodal",
+    "not a multimodal model",
+    "does not support image",
+    "model does not support vision",
+)
+
+
+def known_failure(detail: str) -> str | None:
+    """ "context", "cut off" or "no images" for an error text that says the same request
+    cannot succeed; None for any other."""
+    text = (detail or "").lower()
+    kinds = (("context", CONTEXT_OVERFLOW), ("cut off", CUT_OFF), ("no images", NO_IMAGES))
+    for kind, words in kinds:
+        if any(word in text for word in words):
+            return kind
+    return None
 
 
 class HTTPStatusError(InferenceError):
@@ -200,9 +232,11 @@ async def request_json(
     """
     attempts = 0
     broken = 0
+    said: str | None = None  # the error text of the attempt before
     while True:
         attempts += 1
         retry_after: float | None = None
+        hopeless = False
         started = time.monotonic()
         try:
             async with asyncio.timeout(timeout + CONNECT_TIMEOUT):
@@ -215,6 +249,12 @@ async def request_json(
         except HTTPStatusError as exc:
             error: InferenceError = exc
             retry_after = exc.retry_after
+            # Not blindly again: a request the server says cannot fit or be read, or a
+            # 500 that repeats word for word (at temperature 0 a third try says it again).
+            hopeless = known_failure(exc.detail) is not None or (
+                exc.status == 500 and exc.detail == said
+            )
+            said = exc.detail
         except BrokenAnswer as exc:
             broken += 1
             error = InferenceError(f"{label}: {exc}", retryable=True, status=200)
@@ -239,7 +279,7 @@ async def request_json(
             )
         except httpx.HTTPError as exc:  # bad URL, unsupported scheme: retrying cannot help
             raise InferenceError(f"{label}: {_reason(exc)}") from None
-        if not error.retryable or attempts > policy.retries:
+        if not error.retryable or hopeless or attempts > policy.retries:
             if attempts > 1:
                 error.args = (f"{error.args[0]} (gave up after {attempts} attempts)",)
             raise error from None

@@ -25,6 +25,7 @@ from vlmtag.models.http import (
     post_json,
     why,
 )
+from vlmtag.models.published import from_ollama_show
 from vlmtag.models.server import ServerBackend, reported_number
 from vlmtag.text import one_line
 from vlmtag.types import PreparedImage, Reply, Request
@@ -49,6 +50,7 @@ class OllamaBackend(ServerBackend):
     name = "ollama"
     server_kind = "Ollama"
     default_workers = DEFAULT_WORKERS
+    health_path = "/api/version"
 
     def __init__(self, options: BackendOptions, **kwargs: Any):
         super().__init__(options, **kwargs)
@@ -98,6 +100,7 @@ class OllamaBackend(ServerBackend):
         except InferenceError as exc:
             raise SetupError(f"{exc}; is the Ollama server healthy?") from None
         self._check_vision(show)
+        self.published = from_ollama_show(show, self.options.num_ctx)
 
     def _check_vision(self, show: Any) -> None:
         """SetupError for a model that cannot see images; /api/show of any shape is read
@@ -240,7 +243,9 @@ def decode_chat(response: httpx.Response) -> Reply:
             break
     if final is None:
         raise BrokenAnswer("answer ended before done:true")
-    return Reply(text="".join(content), timings=_timings(final))
+    finish = final.get("done_reason")
+    finish = finish if isinstance(finish, str) else None
+    return Reply(text="".join(content), timings=_timings(final), finish=finish)
 
 
 def _ndjson(text: str) -> list[Any]:

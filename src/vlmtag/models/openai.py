@@ -25,9 +25,19 @@ from vlmtag.models.http import (
     RetryPolicy,
     decode_json,
     get_json,
+    known_failure,
     last_attempts,
     post_json,
     why,
+)
+from vlmtag.models.published import (
+    Published,
+    context_fix,
+    from_llamacpp_props,
+    from_lmstudio_models,
+    from_openai_models,
+    looks_like_file_path,
+    queue_from_metrics,
 )
 from vlmtag.models.server import ServerBackend, reported_number
 from vlmtag.text import one_line
@@ -43,6 +53,7 @@ SCHEMA_NAME = "image_tags"
 FORMATS = ("json_schema", "json_object", "none")  # response_format, most to least strict
 MAX_ADAPTATIONS = 4  # each one moves a field one step; the loop cannot go on for ever
 LISTED_MODELS_SHOWN = 20
+PUBLISHED_TIMEOUT = 5.0  # /props, /api/v0/models, /metrics answer from memory
 
 
 @dataclass(frozen=True)
@@ -62,11 +73,13 @@ class OpenAIBackend(ServerBackend):
     name = "openai"
     server_kind = "server"
     default_workers = DEFAULT_WORKERS
+    health_path = "/models"
 
     def __init__(self, options: BackendOptions, **kwargs: Any):
         super().__init__(options, **kwargs)
         self._shape = RequestShape()
         self._shape_lock = threading.Lock()  # requests may run on several loops/threads
+        self._vllm = False  # /v1/models said vLLM: its /metrics tell the queue
 
     @staticmethod
     def normalise_base(url: str) -> str:
@@ -103,7 +116,73 @@ class OpenAIBackend(ServerBackend):
                 " LM Studio's server) or pass --api-base URL; `--backend builtin` works"
                 " offline without a server"
             ) from None
+        named = bool(self.model)
         await self._check_model(model_ids(listing))
+        self.published = await self._read_published(listing)
+        self._check_published(named=named)
+
+    @property
+    def root_url(self) -> str:
+        """The server's root, where llama.cpp and LM Studio publish beside /v1."""
+        return self.base_url.removesuffix("/v1")
+
+    async def _read_published(self, listing: Any) -> Published:
+        """What the server says of itself, from wherever it says it; nothing if it is silent."""
+        facts = from_openai_models(listing, self.model)
+        entries = listing.get("data") if isinstance(listing, dict) else None
+        owners = {e.get("owned_by") for e in entries or [] if isinstance(e, dict)}
+        self._vllm = "vllm" in owners
+        if not self._vllm:
+            facts = facts.merged(from_llamacpp_props(await self._quiet_get("/props")))
+        if facts.vision is None and not self._vllm:
+            lmstudio = await self._quiet_get("/api/v0/models")
+            facts = facts.merged(from_lmstudio_models(lmstudio, self.model))
+        return facts
+
+    async def _quiet_get(self, path: str) -> Any:
+        """GET a path at the server's root; None for any failure (most servers have none)."""
+        try:
+            return await get_json(
+                self._client(),
+                self.root_url + path,
+                timeout=min(self.options.timeout, PUBLISHED_TIMEOUT),
+                policy=RetryPolicy(retries=0),
+                label=self.label,
+            )
+        except InferenceError:
+            return None
+
+    def _check_published(self, *, named: bool) -> None:
+        facts = self.published
+        if facts.vision is False:
+            raise SetupError(
+                f"model '{self.model}' at {self.shown_url} cannot see images (the server says so"
+                f" at {facts.source}); llama-server: start it with --mmproj FILE, the model's"
+                " vision projector; LM Studio: load a vision model; vLLM: serve a"
+                " vision-language model"
+            )
+        if not named and looks_like_file_path(self.model):
+            log.warning(
+                "%s names its model by a file path (%s); every result is stored under that"
+                " name, so the same weights under another path would be tagged again. Start"
+                " llama-server with --alias NAME, or pass --model NAME",
+                self.label,
+                one_line(self.model, 120),
+            )
+
+    async def queue(self) -> tuple[int, int] | None:
+        """(running, waiting) requests at a vLLM server, from its /metrics; None elsewhere."""
+        if not self._vllm:
+            return None
+        try:
+            response = await self._client().get(
+                self.root_url + "/metrics", timeout=PUBLISHED_TIMEOUT
+            )
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        return queue_from_metrics(response.text[:1_000_000])
 
     async def _check_model(self, served: list[str]) -> None:
         if not served or self.model in served:
@@ -215,7 +294,8 @@ class OpenAIBackend(ServerBackend):
                     decode=read_completion,
                 )
             except HTTPStatusError as exc:
-                if exc.status in (400, 422) and self._adapt(shape, exc):
+                adaptable = exc.status in (400, 422) and not known_failure(exc.detail)
+                if adaptable and self._adapt(shape, exc):
                     continue
                 raise self._explain(exc) from None
             reply.timings["request_seconds"] = time.monotonic() - started
@@ -244,7 +324,22 @@ class OpenAIBackend(ServerBackend):
         )
         return True
 
-    def _explain(self, exc: HTTPStatusError) -> InferenceError:
+    def _explain(self, exc: HTTPStatusError) -> InferenceError | SetupError:
+        kind = known_failure(exc.detail)
+        if kind == "no images":
+            # Every image would fail the same way: the lane retires instead.
+            return SetupError(
+                f"{self.label} cannot take images ({exc.detail}); llama-server: start it with"
+                " --mmproj FILE, the model's vision projector; or serve a vision model"
+            )
+        if kind in ("context", "cut off"):
+            # The fix first: the server's own words may be long, and reasons are cut.
+            return InferenceError(
+                f"{self.label}: {context_fix(self.published.context)} (HTTP {exc.status}:"
+                f" {exc.detail})",
+                retryable=False,
+                status=exc.status,
+            )
         if exc.status in (401, 403):
             return InferenceError(self._key_problem(exc.status), retryable=False, status=exc.status)
         if exc.status == 404:
@@ -344,7 +439,9 @@ def read_completion(response: httpx.Response) -> Reply:
         content = "".join(t for t in texts if isinstance(t, str))
     if content is not None and not isinstance(content, str):
         raise BrokenAnswer(f"the answer's content is not text: {one_line(str(content), 200)}")
-    return Reply(text=content or "", timings=usage_timings(body))
+    finish = choice.get("finish_reason")
+    finish = finish if isinstance(finish, str) else None
+    return Reply(text=content or "", timings=usage_timings(body), finish=finish)
 
 
 def usage_timings(body: dict[str, Any]) -> dict[str, float]:

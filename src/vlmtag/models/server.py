@@ -7,6 +7,8 @@ vlmtag.models.http, the one retry layer.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from typing import Any
 
@@ -14,6 +16,7 @@ import httpx
 
 from vlmtag.models.base import BackendOptions
 from vlmtag.models.http import RetryPolicy, infer_each, make_client
+from vlmtag.models.published import Published
 from vlmtag.redact import without_credentials
 from vlmtag.types import PreparedImage, Reply, Request
 
@@ -28,6 +31,8 @@ class ServerBackend:
     batch_size = 1
     default_workers = 1
     input_box: tuple[int, int] | None = None
+    health_path = "/"  # a cheap GET any live server of this kind answers at once
+    HEALTH_TIMEOUT = 3.0
 
     def __init__(
         self,
@@ -47,6 +52,8 @@ class ServerBackend:
             self.policy = RetryPolicy(retries=self.policy.retries, backoff=backoff)
         self._connections = connections
         self._http: httpx.AsyncClient | None = None
+        self._closing: dict[asyncio.Task, httpx.AsyncClient] = {}
+        self.published = Published()  # what the server says of itself, read by start()
 
     @staticmethod
     def normalise_base(url: str) -> str:
@@ -73,10 +80,50 @@ class ServerBackend:
         """Several images, one request each: a server batches concurrent requests itself."""
         return await infer_each(self, images, request)
 
+    async def reachable(self) -> str | None:
+        """None if the server answers a new connection now (any HTTP status will do), else
+        why not. A fresh connection on purpose: a server shutting down may still answer on
+        the kept-alive ones while it accepts no new request."""
+        try:
+            async with httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=self.headers(),
+                verify=self.base_url.lower().startswith("https:"),
+                timeout=self.HEALTH_TIMEOUT,
+            ) as client:
+                await client.get(self.health_path)
+        except httpx.ConnectError:
+            return "it no longer accepts connections"
+        except httpx.TimeoutException:
+            return f"it did not answer a health check within {self.HEALTH_TIMEOUT:g} s"
+        except httpx.HTTPError:
+            return "it closed the connection of a health check"
+        return None
+
+    def drop_connections(self) -> None:
+        """Forget the kept-alive connections (the server went away): the next request, and
+        the checks of whether it is back, connect afresh. The old pool closes a moment
+        later, once the requests still on it have been cancelled."""
+        old, self._http = self._http, None
+        if old is not None:
+            task = asyncio.get_running_loop().create_task(_close_soon(old))
+            self._closing[task] = old
+            task.add_done_callback(lambda done: self._closing.pop(done, None))
+
     async def close(self) -> None:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        for task, old in list(self._closing.items()):
+            task.cancel()
+            with contextlib.suppress(Exception):
+                await old.aclose()
+
+
+async def _close_soon(client: httpx.AsyncClient) -> None:
+    await asyncio.sleep(1.0)
+    with contextlib.suppress(Exception):
+        await client.aclose()
 
 
 def reported_number(value: Any, scale: float = 1.0) -> float | None:

@@ -3,7 +3,9 @@
 One bad answer at a few percent must not cost an image its run, so an unusable or cut-off
 answer is asked again once. A model that never answers whole would double every request:
 after REASK_MISSES second answers in a row that were no better, the run stops asking again.
-An answer cut off twice keeps what could be read.
+An answer cut off twice keeps what could be read. One the server says it cut off (at max
+tokens, or where the context ran out) is not asked again: the same request at temperature
+0 is cut off at the same place.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 
 from vlmtag.errors import ParseError
 from vlmtag.models.parse import parse_answer
+from vlmtag.models.published import context_fix
 from vlmtag.run.dispatcher import Work
 from vlmtag.text import one_line
 from vlmtag.types import Reply, Request
@@ -36,7 +39,10 @@ class Answers:
         self.request = request
         self._misses = 0  # answers asked again in a row that were no better
 
-    def judge(self, work: Work, reply: Reply | BaseException) -> Verdict:
+    def judge(
+        self, work: Work, reply: Reply | BaseException, *, context: int | None = None
+    ) -> Verdict:
+        """What to do with this reply; `context` is the server's tokens per request, if said."""
         if isinstance(reply, BaseException):
             reason = one_line(str(reply)) or type(reply).__name__
             return Verdict(FAIL, stage=getattr(reply, "stage", "infer"), reason=reason)
@@ -52,15 +58,30 @@ class Answers:
                 tags = [(t, None) for t in answer.tags]
                 description = answer.description if request.description else None
         except ParseError as exc:
+            if reply.cut_off:
+                return Verdict(FAIL, stage="parse", reason=self._cut_off(reply, context))
             if self._again(work, usable=False):
                 return Verdict(AGAIN)
             return Verdict(FAIL, stage="parse", reason=one_line(str(exc)))
         except Exception as exc:  # noqa: BLE001 - an answer no reader foresaw fails one image
             return Verdict(FAIL, stage="parse", reason=f"unreadable answer: {one_line(repr(exc))}")
         whole = reply.tags is not None or bool(tags and (description or not request.description))
+        if reply.cut_off and tags:
+            return Verdict(STORE, tags, description)  # what could be read; again is the same
         if self._again(work, usable=whole):
             return Verdict(AGAIN)
         return Verdict(STORE, tags, description)
+
+    def _cut_off(self, reply: Reply, context: int | None) -> str:
+        written = reply.timings.get("eval_count")
+        limit = self.request.max_tokens
+        if written is not None and written >= limit:
+            return (
+                f"the answer was cut off at max_tokens ({limit}) before a tag could be read;"
+                " ask for fewer tags (--tag-count) or no description (--no-description)"
+            )
+        size = f" after {written:.0f} tokens" if written is not None else ""
+        return f"the answer was cut off{size}, no tag could be read: {context_fix(context)}"
 
     def _again(self, work: Work, *, usable: bool) -> bool:
         if work.asked:  # this was the second answer: keep the count, never a third

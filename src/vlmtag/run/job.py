@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from dataclasses import replace
 
@@ -16,10 +17,13 @@ from vlmtag.errors import Interrupted, SetupError, UsageError
 from vlmtag.library.db import Store, default_db_path
 from vlmtag.models.base import Backend, BackendOptions, get_backend
 from vlmtag.models.prompts import build_request, prompt_key
+from vlmtag.models.published import request_tokens
 from vlmtag.redact import Redactor
 from vlmtag.run.control import Control, handle_signals
 from vlmtag.run.ledger import Progress
 from vlmtag.run.pipeline import AUTO, Pipeline, RunOptions, RunResult
+
+log = logging.getLogger(__name__)
 
 # Backends whose answers are not a VLM's: no description unless asked for.
 NO_DESCRIPTION_BY_DEFAULT = {"builtin"}
@@ -93,6 +97,7 @@ async def run_tag(
             if control.stopping:
                 raise Interrupted("interrupted while the servers were checked; nothing was done")
             options = _options(settings, backends[0], request, description)
+            warn_if_context_small(backends, request, options.resize)
             return await Pipeline(store, backends, options, progress, control).run(settings.paths)
     finally:
         await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)
@@ -122,6 +127,30 @@ async def _start(backends: list[Backend], control: Control) -> None:
         raise SetupError(
             f"the servers serve different models ({', '.join(sorted(models))}); "
             "pass --model to name the one to use"
+        )
+
+
+def warn_if_context_small(backends: list[Backend], request, resize) -> None:
+    """Say so up front when a server's context per request (as it publishes it) cannot hold
+    the prompt, the image and the longest answer asked for: answers would be cut off."""
+    need = request_tokens(request.system + request.prompt, resize, request.max_tokens)
+    for backend in backends:
+        published = getattr(backend, "published", None)
+        context = getattr(published, "context", None)
+        if not context or context >= need:
+            continue
+        slots = getattr(published, "slots", None)
+        more = f"-c {need * slots} with --parallel {slots}" if slots else "a larger -c"
+        log.warning(
+            "%s gives each request %d tokens of context; one here may need about %d (prompt"
+            " and image, and up to %d for the answer), so long answers may be cut off. Give"
+            " it more (llama-server %s; vLLM --max-model-len; Ollama --num-ctx) or send"
+            " smaller images (--resize 384) or fewer tags (--tag-count)",
+            getattr(backend, "label", backend.name),
+            context,
+            need,
+            request.max_tokens,
+            more,
         )
 
 

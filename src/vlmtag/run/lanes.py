@@ -6,12 +6,21 @@ exception from the backend becomes that image's failure: never the end of the ru
 that stops accepting connections is away: its lane takes nothing, hands the images it had
 back, and probes the server with backoff for --server-wait seconds; then it is back, or it is
 retired and never takes work again.
+
+A server can also stop without refusing what it has: llama-server, told to stop, accepts no
+new connection but holds the open ones without answering. So a request that has waited far
+longer than this server's answers usually take makes the lane check, on a fresh connection,
+whether the server is still there; if it is not, every request in flight is handed on at
+once instead of waiting out --timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import time
+from collections import deque
 from typing import Protocol
 
 from vlmtag.errors import InferenceError, ServerGoneError, SetupError
@@ -24,6 +33,14 @@ from vlmtag.types import Reply, Request
 
 PROBE_FIRST_DELAY = 1.0  # first wait before asking an away server again (doubles)
 PROBE_MAX_DELAY = 15.0
+WATCH_EVERY = 0.5  # how often the lane looks at how long its requests have waited
+SUSPECT_FACTOR = 4.0  # a request waiting this many times the p95 answer time is suspect
+SUSPECT_FLOOR = 3.0  # ... but never one younger than this
+SUSPECT_UNKNOWN = 10.0  # before any answer came (a model may be loading): this long
+CHECK_GAP_MAX = 30.0  # a server that answers its checks is checked at most this often
+SILENT_CHECKS = 2  # health checks unanswered in a row that make a server away
+LATENCIES_KEPT = 200
+QUEUE_EVERY = 2.0  # how often a server that reports its queue (vLLM /metrics) is asked
 
 
 class LaneSink(Protocol):
@@ -54,6 +71,14 @@ class Lane:
         self.sent = 0
         self._tasks: set[asyncio.Task] = set()
         self._probe: asyncio.Task | None = None
+        self._watch: asyncio.Task | None = None
+        self._waiting: dict[int, float] = {}  # request -> when it was sent
+        self._ids = itertools.count()
+        self._latencies: deque[float] = deque(maxlen=LATENCIES_KEPT)
+        self._outage: asyncio.Future | None = None  # resolved when the server goes away
+        self._next_check = 0.0
+        self._check_gap = 0.0
+        self._silent = 0
 
     @property
     def in_flight(self) -> set[asyncio.Task]:
@@ -61,6 +86,8 @@ class Lane:
 
     async def run(self, dispatcher: Dispatcher, sink: LaneSink) -> None:
         """Take work and send it until the work is done or stopped, or the lane retires."""
+        if self._watch is None and hasattr(self.backend, "reachable"):
+            self._watch = asyncio.create_task(self._watchdog(sink))
         while not self.retired:
             await self.limiter.acquire()
             if not self.up.is_set():
@@ -85,9 +112,11 @@ class Lane:
         self.sent += len(batch)
         latency, overloaded = None, False
         started = time.perf_counter()
+        key = next(self._ids)
+        self._waiting[key] = time.monotonic()
         try:
             try:
-                replies = await self._infer(batch)
+                replies = await self._infer_unless_away(batch)
             except SetupError as exc:  # the model cannot run at all (its extra is missing)
                 self.retire(one_line(str(exc)))
                 sink.retired(self)
@@ -102,6 +131,7 @@ class Lane:
             overloaded = bool(answered) and all(_overloaded(r) for _, r in answered)
             if answered and not gone and all(_first_try(r) for _, r in answered):
                 latency = elapsed  # retried requests say nothing of the server's speed
+                self._latencies.append(elapsed)
             for work, reply in answered:
                 try:
                     sink.reply(self, work, reply, elapsed / len(batch))
@@ -111,7 +141,65 @@ class Lane:
             sink.cancelled(batch)
             raise
         finally:
+            self._waiting.pop(key, None)
             self.limiter.release(latency, sent=sent, overloaded=overloaded)
+
+    async def _infer_unless_away(self, batch: list[Work]) -> list[Reply | BaseException]:
+        """The answers, or ServerGoneError for each image the moment the lane finds its
+        server gone (the request is then cancelled: nobody will answer it)."""
+        if self._outage is None or self._outage.done():
+            self._outage = asyncio.get_running_loop().create_future()
+        outage = self._outage
+        request = asyncio.ensure_future(self._infer(batch))
+        try:
+            await asyncio.wait({request, outage}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            request.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await request
+            raise
+        if request.done():
+            return request.result()
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await request
+        return [outage.result()] * len(batch)
+
+    # ---- noticing a server that went quiet --------------------------------------------
+
+    def patience(self) -> float:
+        """How long a request may wait before the lane asks whether the server is there."""
+        if len(self._latencies) < 3:
+            return SUSPECT_UNKNOWN
+        ordered = sorted(self._latencies)
+        p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        return max(SUSPECT_FLOOR, SUSPECT_FACTOR * p95)
+
+    async def _watchdog(self, sink: LaneSink) -> None:
+        queue_due = time.monotonic() + QUEUE_EVERY
+        while not self.retired:
+            await asyncio.sleep(WATCH_EVERY)
+            now = time.monotonic()
+            if now >= queue_due and self.up.is_set() and self.limiter.adaptive:
+                queue_due = now + QUEUE_EVERY
+                await self._read_queue()
+            if not self.up.is_set() or not self._waiting or now < self._next_check:
+                continue
+            if now - min(self._waiting.values()) < self.patience():
+                self._check_gap = 0.0
+                continue
+            why_not = await self.backend.reachable()  # type: ignore[attr-defined]
+            refused = why_not is not None and "accepts" in why_not
+            self._silent = 0 if why_not is None else self._silent + 1
+            if not refused and self._silent < SILENT_CHECKS:
+                # Still there, only slow (or one check unanswered): look again later, less
+                # and less often.
+                self._check_gap = min(max(2 * self._check_gap, self.patience()), CHECK_GAP_MAX)
+                self._next_check = time.monotonic() + self._check_gap
+                continue
+            self._silent = 0
+            gone = ServerGoneError(f"{self.label}: {why_not} (requests were waiting on it)")
+            self._away(gone, sink)
 
     async def _infer(self, batch: list[Work]) -> list[Reply | BaseException]:
         """The backend's answers in order; every failure is an answer, never an exception."""
@@ -134,9 +222,29 @@ class Lane:
             return [error] * len(batch)
         return replies
 
+    async def _read_queue(self) -> None:
+        ask = getattr(self.backend, "queue", None)
+        if ask is None:
+            return
+        try:
+            said = await ask()
+        except Exception:  # noqa: BLE001 - a queue that cannot be read says nothing
+            return
+        if said is not None:
+            self.limiter.server_queue(*said)
+
     def _away(self, exc: BaseException, sink: LaneSink) -> None:
+        """The server went away: hand on what is in flight, and wait for it to come back."""
         if self.up.is_set() and not self.retired:
             self.up.clear()
+            if self._outage is not None and not self._outage.done():
+                gone = exc if isinstance(exc, ServerGoneError) else ServerGoneError(str(exc))
+                self._outage.set_result(gone)
+            # Kept-alive connections would let a check pass on a server that accepts no
+            # new request (and then lose the images again): checks connect afresh.
+            drop = getattr(self.backend, "drop_connections", None)
+            if drop is not None:
+                drop()
             self._probe = asyncio.create_task(self._wait_back(exc, sink))
 
     async def _wait_back(self, exc: BaseException, sink: LaneSink) -> None:
@@ -154,8 +262,16 @@ class Lane:
                 continue
             self.up.set()
             return
-        self.retire(f"{one_line(str(exc))}; it did not come back within {self.server_wait:g} s")
+        self.retire(f"{self._why(exc)}; it did not come back within {self.server_wait:g} s")
         sink.retired(self)
+
+    def _why(self, exc: BaseException) -> str:
+        """The reason, without the server's name in front (messages name the lane)."""
+        text = one_line(str(exc))
+        for name in (getattr(self.backend, "label", None), self.label):
+            if name:
+                text = text.removeprefix(f"{name}: ")
+        return text
 
     def retire(self, reason: str) -> None:
         self.retired = True
@@ -163,8 +279,9 @@ class Lane:
         self.up.set()  # the loop wakes, sees it is retired and ends
 
     def stop_probing(self) -> None:
-        if self._probe is not None and not self._probe.done():
-            self._probe.cancel()
+        for task in (self._probe, self._watch):
+            if task is not None and not task.done():
+                task.cancel()
 
 
 def _gone(reply: object) -> bool:

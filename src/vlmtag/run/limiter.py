@@ -5,7 +5,8 @@ flight / latency) grows with it; when latency climbs without a matching gain (th
 queues instead of working in parallel) it settles on the fewest requests in flight that
 gave nearly the best throughput seen, which is what the server really runs at once. It
 probes upward now and then, and halves on 503 / out-of-memory answers (the seed's FAQ:
-fewer workers when the GPU runs out of memory).
+fewer workers when the GPU runs out of memory). A server that reports its queue (vLLM's
+/metrics) is believed over the guess: requests waiting there are requests too many.
 """
 
 from __future__ import annotations
@@ -106,6 +107,16 @@ class Limiter:
                 # Requests sent under an older limit would judge this one wrongly.
                 self.observe(latency, active)
         self._changed.notify()
+
+    def server_queue(self, running: int, waiting: int) -> None:
+        """What the server says it runs and holds waiting now. Waiting requests gain
+        nothing: step down by as many (never below 1) and stop climbing."""
+        if not self.adaptive or waiting <= 0:
+            return
+        self._growing = False
+        target = max(1, min(self.limit, self.active) - waiting)
+        if target < self.limit:
+            self._set(target)
 
     def observe(self, latency: float, in_flight: int) -> None:
         """Feed one completed request; adjust the limit at the end of each window."""

@@ -414,7 +414,8 @@ class Pipeline:
 
     def reply(self, lane: Lane, work: Work, reply: Reply | BaseException, seconds: float):
         self.times.add("infer", seconds)
-        verdict = self.answers.judge(work, reply)
+        published = getattr(lane.backend, "published", None)
+        verdict = self.answers.judge(work, reply, context=getattr(published, "context", None))
         if verdict.action == AGAIN:
             if self.abandoned is not None or not self.dispatcher.put_back(work):
                 self._unsent(work)
@@ -548,6 +549,11 @@ def _limiter(backend: Backend, workers: int) -> Limiter:
     if backend.wants_pixels:  # in-process backends batch instead of running side by side
         return Limiter(1)
     if workers == AUTO:
+        # A server that tells how many requests it runs at once (llama.cpp's slots) gets
+        # that many: more would only queue there, fewer would leave slots idle.
+        slots = getattr(getattr(backend, "published", None), "slots", None)
+        if slots:
+            return Limiter(min(slots, AUTO_MAX))
         return Limiter.auto(maximum=AUTO_MAX)
     return Limiter(workers)
 
