@@ -359,3 +359,34 @@ def test_truncated_content_is_passed_on_for_parsing():
     assert reply.text.startswith('{"tags"')
     with pytest.raises(json.JSONDecodeError):
         json.loads(reply.text)
+
+
+def test_a_server_that_cannot_take_images_is_a_setup_error_not_an_image_failure():
+    """Without /props to say so (LM Studio, older llama.cpp), the first answer tells: the lane
+    retires instead of failing every image four times."""
+    with FakeServer() as server:
+        server.fail_next("status:500:image input is not supported - hint: provide the mmproj", 9)
+        with pytest.raises(SetupError) as caught:
+            tag(server)
+        assert server.count("/v1/chat/completions") == 1
+    assert "--mmproj" in str(caught.value)
+
+
+def test_context_overflow_is_one_failure_with_the_fix_first():
+    text = "request (1100 tokens) exceeds the available context size (1024 tokens), try increasing"
+    with FakeServer() as server:
+        server.fail_next(f"status:400:{text}", 9)
+        with pytest.raises(InferenceError) as caught:
+            tag(server)
+        assert server.count("/v1/chat/completions") == 1  # neither retried nor adapted
+    message = str(caught.value)
+    assert not caught.value.retryable
+    assert message.index("-c") < message.index("1100 tokens") and "--resize" in message
+
+
+def test_finish_reason_is_read():
+    body = {"choices": [{"message": {"content": '{"tags": ["a"'}, "finish_reason": "length"}]}
+    with FakeServer() as server:
+        server.fail_next("raw:" + json.dumps(body))
+        reply = tag(server)
+    assert reply.cut_off and reply.text.startswith('{"tags"')

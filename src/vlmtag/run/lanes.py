@@ -176,6 +176,15 @@ class Lane:
         return max(SUSPECT_FLOOR, SUSPECT_FACTOR * p95)
 
     async def _watchdog(self, sink: LaneSink) -> None:
+        while not self.retired:
+            try:
+                await self._watch_once(sink)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a check that broke must not end the watching
+                await asyncio.sleep(WATCH_EVERY)
+
+    async def _watch_once(self, sink: LaneSink) -> None:
         queue_due = time.monotonic() + QUEUE_EVERY
         while not self.retired:
             await asyncio.sleep(WATCH_EVERY)

@@ -1,0 +1,133 @@
+"""vlmtag against a real llama.cpp llama-server (tiny crafted Qwen2-VL, built by .ci/).
+
+    bash .ci/llama-server.sh && .venv/bin/python .ci/tiny_vlm.py --cache CONVERT_DIR
+    python benchmarks/llama_server.py --count 300
+
+Side by side, one server each, in one run:
+  1. `vlmtag tag` with --workers auto on a 4-slot server, and with --workers 1: images/s;
+  2. `vlmtag doctor` on the same server: what it says a second runs, against (1);
+  3. the server stopped with SIGTERM a third of the way in: seconds from the signal until
+     vlmtag has handed everything on and exited (its --timeout is 300 s);
+  4. the server killed with -9 and started again: images lost (must be 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from PIL import Image  # noqa: E402
+
+from llamaserver import LlamaServer  # noqa: E402
+
+VLMTAG = str(Path(sys.executable).with_name("vlmtag"))
+
+
+def photos(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        size = (112 + 28 * (i % 12), 112 + 28 * (i // 12 % 12))
+        Image.new("RGB", size, (i % 256, 120, 200)).save(folder / f"p{i:05d}.jpg", quality=90)
+
+
+def tag(folder: Path, url: str, db: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [VLMTAG, "tag", str(folder), "--backend", "openai", "--api-base", url, "--db", str(db),
+         "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def stored(db: Path) -> int:
+    try:
+        conn = sqlite3.connect(db, timeout=1)
+        try:
+            return conn.execute("SELECT count(*) FROM annotations").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+def timed_run(folder: Path, url: str, db: Path, *extra: str) -> tuple[float, dict]:
+    t0 = time.perf_counter()
+    out, err = tag(folder, url, db, *extra).communicate(timeout=900)
+    return time.perf_counter() - t0, json.loads(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--count", type=int, default=300)
+    args = parser.parse_args()
+    n = args.count
+    work = Path(tempfile.mkdtemp(prefix="vlmtag-llama-"))
+    try:
+        photos(work / "pics", n)
+        report: dict[str, object] = {"images": n}
+        with LlamaServer("crafted", parallel=4, ctx=8192, alias="tiny") as server:
+            wall, auto = timed_run(work / "pics", server.url, work / "a.db")
+            report["auto"] = {"seconds": round(wall, 2), "images_per_second": round(n / wall, 1),
+                              "workers": auto["servers"][0]["workers"]}  # fmt: skip
+            wall, _ = timed_run(work / "pics", server.url, work / "b.db", "--workers", "1")
+            report["workers_1"] = {
+                "seconds": round(wall, 2),
+                "images_per_second": round(n / wall, 1),
+            }
+            doctor = subprocess.run(
+                [VLMTAG, "doctor", "--backend", "openai", "--api-base", server.url, "--json"],
+                capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            (said,) = json.loads(doctor.stdout)
+            report["doctor_best_images_per_second"] = max(
+                said["images_per_second_by_in_flight"].values()
+            )
+
+        with LlamaServer("crafted", parallel=4, ctx=8192, alias="tiny") as server:
+            run = tag(work / "pics", server.url, work / "c.db", "--server-wait", "2")
+            while stored(work / "c.db") < n // 3:
+                time.sleep(0.05)
+            server.terminate()
+            t0 = time.perf_counter()
+            out, _ = run.communicate(timeout=900)
+            summary = json.loads(out)
+            report["sigterm"] = {
+                "seconds_to_exit": round(time.perf_counter() - t0, 2),
+                "server_wait": 2,
+                "tagged": summary["tagged"],
+                "failed": summary["failed"],
+                "left": summary["left"],
+                "balanced": summary["balanced"],
+            }
+
+        server = LlamaServer("crafted", parallel=4, ctx=8192, alias="tiny").start()
+        try:
+            run = tag(work / "pics", server.url, work / "d.db", "--server-wait", "60")
+            while stored(work / "d.db") < n // 3:
+                time.sleep(0.05)
+            server.kill()
+            time.sleep(1)
+            server = LlamaServer("crafted", parallel=4, ctx=8192, alias="tiny", port=server.port)
+            server.start()
+            t0 = time.perf_counter()
+            out, _ = run.communicate(timeout=900)
+            summary = json.loads(out)
+            report["kill_restart"] = {"tagged": summary["tagged"], "failed": summary["failed"],
+                                      "lost": n - summary["tagged"]}  # fmt: skip
+        finally:
+            server.stop()
+        print(json.dumps(report, indent=1))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
