@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -25,42 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from PIL import Image  # noqa: E402
-
-from llamaserver import LlamaServer  # noqa: E402
-
-VLMTAG = str(Path(sys.executable).with_name("vlmtag"))
-
-
-def photos(folder: Path, n: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        size = (112 + 28 * (i % 12), 112 + 28 * (i // 12 % 12))
-        Image.new("RGB", size, (i % 256, 120, 200)).save(folder / f"p{i:05d}.jpg", quality=90)
-
-
-def tag(folder: Path, url: str, db: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [VLMTAG, "tag", str(folder), "--backend", "openai", "--api-base", url, "--db", str(db),
-         "--json", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def stored(db: Path) -> int:
-    try:
-        conn = sqlite3.connect(db, timeout=1)
-        try:
-            return conn.execute("SELECT count(*) FROM annotations").fetchone()[0]
-        finally:
-            conn.close()
-    except sqlite3.Error:
-        return 0
+from llamaserver import VLMTAG, LlamaServer, photos, start_tag, wait_tagged  # noqa: E402
 
 
 def timed_run(folder: Path, url: str, db: Path, *extra: str) -> tuple[float, dict]:
     t0 = time.perf_counter()
-    out, err = tag(folder, url, db, *extra).communicate(timeout=900)
+    out, _ = start_tag(folder, url, db, *extra).communicate(timeout=900)
     return time.perf_counter() - t0, json.loads(out)
 
 
@@ -92,9 +61,8 @@ def main() -> None:
             )
 
         with LlamaServer("crafted", parallel=4, ctx=8192, alias="tiny") as server:
-            run = tag(work / "pics", server.url, work / "c.db", "--server-wait", "2")
-            while stored(work / "c.db") < n // 3:
-                time.sleep(0.05)
+            run = start_tag(work / "pics", server.url, work / "c.db", "--server-wait", "2")
+            wait_tagged(work / "c.db", n // 3, timeout=300)
             server.terminate()
             t0 = time.perf_counter()
             out, _ = run.communicate(timeout=900)
@@ -110,9 +78,8 @@ def main() -> None:
 
         server = LlamaServer("crafted", parallel=4, ctx=8192, alias="tiny").start()
         try:
-            run = tag(work / "pics", server.url, work / "d.db", "--server-wait", "60")
-            while stored(work / "d.db") < n // 3:
-                time.sleep(0.05)
+            run = start_tag(work / "pics", server.url, work / "d.db", "--server-wait", "60")
+            wait_tagged(work / "d.db", n // 3, timeout=300)
             server.kill()
             time.sleep(1)
             server = LlamaServer("crafted", parallel=4, ctx=8192, alias="tiny", port=server.port)

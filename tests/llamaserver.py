@@ -13,19 +13,23 @@ import glob
 import os
 import platform
 import socket
+import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 CACHE = Path(
     os.environ.get("VLMTAG_CI_CACHE")
     or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vlmtag-ci"
 )
 START_TIMEOUT = 60.0
+VLMTAG = str(Path(sys.executable).with_name("vlmtag"))  # the installed command
 
 
 def _binary() -> Path | None:
@@ -230,3 +234,54 @@ class CountingProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def size_of(i: int) -> tuple[int, int]:
+    """Picture i's size: multiples of 28 that fit the 512 px box (sent as they are)."""
+    return 112 + 28 * (i % 12), 112 + 28 * (i // 12 % 12)
+
+
+def patches(i: int) -> int:
+    width, height = size_of(i)
+    return (width // 28) * (height // 28)
+
+
+def photos(folder: Path, n: int) -> list[Path]:
+    """n pictures of many sizes: Qwen2-VL spends one token per 28x28 pixels, so the prompt
+    tokens the server counted for an answer say which picture it was given."""
+    folder.mkdir(parents=True, exist_ok=True)
+    made = []
+    for i in range(n):
+        path = folder / f"photo {i:03d}.jpg"
+        Image.new("RGB", size_of(i), (40 + i % 200, 120, 200 - i % 150)).save(path, quality=90)
+        made.append(path)
+    return made
+
+
+def start_tag(folder: Path, url: str, db: Path, *extra: str) -> subprocess.Popen:
+    """The installed `vlmtag tag` against an OpenAI-compatible server, in the background."""
+    return subprocess.Popen(
+        [VLMTAG, "tag", str(folder), "--backend", "openai", "--api-base", url, "--db", str(db),
+         "--json", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def tagged_count(db: Path) -> int:
+    """Annotations stored so far (0 while the database is not there or busy)."""
+    try:
+        conn = sqlite3.connect(db, timeout=1)
+        try:
+            return conn.execute("SELECT count(*) FROM annotations").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return 0
+
+
+def wait_tagged(db: Path, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while tagged_count(db) < n:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {n} images tagged within {timeout} s")
+        time.sleep(0.05)

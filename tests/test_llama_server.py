@@ -18,40 +18,25 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from llamaserver import CountingProxy, LlamaServer, require
+from llamaserver import (
+    VLMTAG,
+    CountingProxy,
+    LlamaServer,
+    patches,
+    photos,
+    require,
+    start_tag,
+    wait_tagged,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-VLMTAG = str(Path(sys.executable).with_name("vlmtag"))
 CRAFTED_TAGS = ["tabby cat", "red sofa", "window"]
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _built():
     require()
-
-
-def size_of(i: int) -> tuple[int, int]:
-    """Picture i's size: multiples of 28 that fit the 512 px box (sent as they are)."""
-    return 112 + 28 * (i % 12), 112 + 28 * (i // 12 % 12)
-
-
-def patches(i: int) -> int:
-    width, height = size_of(i)
-    return (width // 28) * (height // 28)
-
-
-def photos(folder: Path, n: int) -> list[Path]:
-    """n pictures of many sizes: Qwen2-VL spends one token per 28x28 pixels, so the prompt
-    tokens the server counted for an answer say which picture it was given."""
-    folder.mkdir(parents=True, exist_ok=True)
-    made = []
-    for i in range(n):
-        path = folder / f"photo {i:03d}.jpg"
-        Image.new("RGB", size_of(i), (40 + i % 200, 120, 200 - i % 150)).save(path, quality=90)
-        made.append(path)
-    return made
 
 
 def assert_each_answer_is_its_own(db: Path, pics: list[Path]) -> None:
@@ -63,11 +48,9 @@ def assert_each_answer_is_its_own(db: Path, pics: list[Path]) -> None:
 
 
 def tag(folder: Path, url: str, db: Path, *extra: str, timeout: float = 180):
-    return subprocess.run(
-        [VLMTAG, "tag", str(folder), "--backend", "openai", "--api-base", url, "--db", str(db),
-         "--json", *extra],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    run = start_tag(folder, url, db, *extra)
+    stdout, stderr = run.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr)
 
 
 def cli(*args: str, db: Path, timeout: float = 120):
@@ -232,30 +215,6 @@ def test_a_context_too_small_is_one_clear_failure_per_image_and_no_retry(tmp_pat
 
 
 # ---- a server that stops, dies, comes back ------------------------------------------------
-
-
-def wait_tagged(db: Path, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = sqlite3.connect(db, timeout=1)
-            try:
-                if conn.execute("SELECT count(*) FROM annotations").fetchone()[0] >= n:
-                    return
-            finally:
-                conn.close()
-        except sqlite3.Error:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {n} images tagged within {timeout} s")
-
-
-def start_tag(folder: Path, url: str, db: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [VLMTAG, "tag", str(folder), "--backend", "openai", "--api-base", url, "--db", str(db),
-         "--json", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
 
 
 def test_a_server_stopped_mid_run_is_noticed_in_seconds(tmp_path):
