@@ -246,14 +246,16 @@ def patches(i: int) -> int:
     return (width // 28) * (height // 28)
 
 
-def photos(folder: Path, n: int) -> list[Path]:
+def photos(folder: Path, n: int, *, shade: int = 0) -> list[Path]:
     """n pictures of many sizes: Qwen2-VL spends one token per 28x28 pixels, so the prompt
-    tokens the server counted for an answer say which picture it was given."""
+    tokens the server counted for an answer say which picture it was given. Another
+    `shade` gives other pictures (a server's prompt cache does not know them)."""
     folder.mkdir(parents=True, exist_ok=True)
     made = []
     for i in range(n):
         path = folder / f"photo {i:03d}.jpg"
-        Image.new("RGB", size_of(i), (40 + i % 200, 120, 200 - i % 150)).save(path, quality=90)
+        rgb = (40 + i % 200, (120 + 37 * shade) % 256, 200 - i % 150)
+        Image.new("RGB", size_of(i), rgb).save(path, quality=90)
         made.append(path)
     return made
 

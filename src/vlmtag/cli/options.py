@@ -83,8 +83,9 @@ MODEL_OPTIONS = [
         type=WORKERS,
         default=None,
         metavar="N|auto",
-        help="Requests in flight per server. Default auto: found as the run goes "
-        "(1 for a server that runs one request at a time, dozens for vLLM).",
+        help="Requests in flight per server. Default auto: the server's slots where it "
+        "says (llama.cpp), else found as the run goes (1 for a server that runs one "
+        "request at a time, dozens for vLLM).",
     ),
     click.option(
         "--batch-size",
