@@ -26,6 +26,7 @@ LAYERS = {
     "vlmtag.api": 7,
     "vlmtag.measure": 7,
     "vlmtag.cli": 8,
+    "vlmtag.web": 8,
     "vlmtag.__main__": 9,
 }
 

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from vlmtag.config import Settings
 from vlmtag.errors import UsageError
-from vlmtag.library import current, decisions, search, vocab
+from vlmtag.library import browse, current, decisions, search, vocab
 from vlmtag.library.current import ALL_LANGUAGES, Decision, ImageView, KeywordCount, Selection
 from vlmtag.library.db import Store, default_db_path
 from vlmtag.library.rows import FileSeen
@@ -201,6 +201,64 @@ class Library:
 
     def known_models(self) -> list[str]:
         return current.known(self.store.conn, "model")
+
+    def browse(
+        self,
+        filters: browse.Filters | None = None,
+        *,
+        query: str | None = None,
+        sort: str = "path",
+        after: str | None = None,
+        limit: int = 60,
+    ) -> browse.Page:
+        """A page of images for a person to look through (the web app's grid): all of them,
+        or what `query` finds (best first), narrowed by filters; `after` is the cursor of
+        the page before."""
+        filters = filters or browse.Filters()
+        if query and query.strip():
+            hits = search.search(
+                self.store, query, language=filters.language, model=filters.model,
+                path_prefix=filters.folder,
+            )  # fmt: skip
+            found = browse.matching(
+                self.store.conn, [h.path for h in hits], filters, after=after, limit=limit
+            )
+            found.total = len(hits) if not filters.tags and not filters.unreviewed else None
+            return found
+        return browse.page(
+            self.store.conn, filters, sort=sort, after=after, limit=limit, with_total=after is None
+        )
+
+    def content(self, content_id: str) -> ImageRecord | None:
+        """Everything stored for one picture, by its content id (None if unknown): what the
+        web app shows, read by the id, never by a path a browser sent."""
+        paths = self.store.paths_of(content_id)
+        if not paths:
+            return None
+        return self.image(paths[0])
+
+    def decide(
+        self, content_ids: Iterable[str], action: str, keywords: Iterable[str], *, via: str
+    ) -> int:
+        """A person adds ("add") or rejects ("reject") keywords on pictures by content id;
+        `via` names the way in ("web")."""
+        if action not in ("add", "reject"):
+            raise UsageError(f"unknown decision {action!r}; add or reject")
+        return decisions.decide_keywords(
+            self.store, list(content_ids), action, keywords, language=ALL_LANGUAGES,
+            author=decisions.default_author(via),
+        )  # fmt: skip
+
+    def describe_content(self, content_ids: Iterable[str], text: str, *, via: str) -> int:
+        return decisions.describe(
+            self.store, list(content_ids), text, language=ALL_LANGUAGES,
+            author=decisions.default_author(via),
+        )  # fmt: skip
+
+    def undo_content(self, content_id: str | None = None, *, via: str) -> list[Decision]:
+        return decisions.undo(
+            self.store, content_id=content_id, count=1, author=decisions.default_author(via)
+        )
 
     def failures(self) -> list[dict[str, Any]]:
         return self.store.failures()

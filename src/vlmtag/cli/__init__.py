@@ -12,7 +12,8 @@ import click
 from vlmtag import __version__
 
 # Commands that turn signals into a clean stop of their own run (run/control.py).
-OWN_SIGNAL_HANDLING = frozenset({"tag", "bench"})
+# uvicorn stops `serve` cleanly on Ctrl-C and SIGTERM itself.
+OWN_SIGNAL_HANDLING = frozenset({"tag", "bench", "serve"})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,6 +45,7 @@ COMMAND_MODULES: list[tuple[str, list[str]]] = [
     ("vlmtag.cli.read", ["show", "failures"]),
     ("vlmtag.cli.find", ["search", "tags", "describe"]),
     ("vlmtag.cli.export", ["export"]),
+    ("vlmtag.cli.serve", ["serve"]),
 ]
 
 

@@ -1,0 +1,210 @@
+"""Pages of images for a person to look through: filters, sorts, and keyset paging.
+
+A page is asked for with the last item of the page before (`after`, an opaque cursor), never
+an offset, so page 1,000 of 100,000 images costs what page 1 costs. Each file is one tile,
+with the keyword set every reader chooses (current.Selection). A search query narrows the
+images by the full-text index first; its best-first order pages by position.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmtag.library.current import Keyword, Selection, keywords_of
+from vlmtag.library.paths import from_db, to_db, under_clause
+from vlmtag.text import keyword_key
+
+SORTS = ("path", "newest", "oldest")
+PAGE_MAX = 200
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What narrows the grid; every field is optional."""
+
+    tags: tuple[str, ...] = ()  # all of them (AND)
+    folder: str | None = None
+    model: str | None = None
+    language: str | None = None
+    unreviewed: bool = False  # model keywords nobody decided anything about
+
+
+@dataclass(slots=True)
+class Tile:
+    content_id: str
+    path: str
+    set_id: int
+    model: str
+    language: str
+    created_at: str
+    description: str | None
+    width: int | None
+    height: int | None
+    keywords: list[Keyword] = field(default_factory=list)
+
+
+@dataclass
+class Page:
+    tiles: list[Tile]
+    after: str | None  # the cursor of the next page; None at the end
+    total: int | None = None  # how many match, where asked
+
+
+def encode_cursor(values: list[Any]) -> str:
+    raw = json.dumps(values, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> list[Any] | None:
+    """The values a cursor holds; None for no cursor or one that is not ours."""
+    if not cursor:
+        return None
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        values = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, UnicodeError, RecursionError):
+        return None
+    if not isinstance(values, list) or not all(isinstance(v, str | int) for v in values):
+        return None
+    return values
+
+
+_COLUMNS = (
+    "f.path, f.content_id, s.id, s.model, s.language, s.created_at, s.description, "
+    "i.width, i.height"
+)
+
+
+def _where(filters: Filters) -> tuple[str, dict[str, Any]]:
+    chosen, params = Selection(filters.language, filters.model).where("s")
+    clauses = [f"f.present = 1 AND {chosen}"]
+    under, under_params = under_clause("f.path", filters.folder)
+    if under:
+        clauses.append(under.removeprefix("AND "))
+        params.update(under_params)
+    for n, tag in enumerate(filters.tags):
+        params[f"tag{n}"] = keyword_key(tag)
+        clauses.append(
+            f"EXISTS (SELECT 1 FROM set_keywords k WHERE k.set_id = s.id AND k.key = :tag{n})"
+        )
+    if filters.unreviewed:
+        clauses.append(
+            "s.annotation_id IS NOT NULL AND NOT EXISTS "
+            "(SELECT 1 FROM decisions d WHERE d.content_id = f.content_id)"
+        )
+    return " AND ".join(clauses), params
+
+
+def page(
+    conn: sqlite3.Connection,
+    filters: Filters = Filters(),
+    *,
+    sort: str = "path",
+    after: str | None = None,
+    limit: int = 60,
+    with_total: bool = False,
+) -> Page:
+    """One page of tiles in `sort` order after the cursor."""
+    limit = max(1, min(limit, PAGE_MAX))
+    where, params = _where(filters)
+    order, key = {
+        "path": ("f.path", lambda t: [t[0]]),
+        "newest": ("s.created_at DESC, f.path", lambda t: [t[5], t[0]]),
+        "oldest": ("s.created_at, f.path", lambda t: [t[5], t[0]]),
+    }[sort if sort in SORTS else "path"]
+    seek = ""
+    values = decode_cursor(after)
+    if values is not None:
+        seek, seek_params = _seek(sort, values)
+        params.update(seek_params)
+    sql = (
+        f"SELECT {_COLUMNS} FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
+        f"LEFT JOIN images i ON i.content_id = f.content_id WHERE {where} {seek} "
+        f"ORDER BY {order} LIMIT :limit"
+    )
+    rows = conn.execute(sql, {**params, "limit": limit + 1}).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    tiles = _tiles(conn, rows)
+    cursor = encode_cursor(_cursor_values(key(rows[-1]))) if more and rows else None
+    total = count(conn, filters) if with_total else None
+    return Page(tiles, cursor, total)
+
+
+def _cursor_values(values: list[Any]) -> list[Any]:
+    # A path that is no UTF-8 is bytes: it travels as its surrogate-escaped text.
+    return [from_db(v) if isinstance(v, bytes) else v for v in values]
+
+
+def _seek(sort: str, values: list[Any]) -> tuple[str, dict[str, Any]]:
+    if sort == "newest" and len(values) == 2:
+        return (
+            "AND (s.created_at < :c0 OR (s.created_at = :c0 AND f.path > :c1))",
+            {"c0": values[0], "c1": to_db(str(values[1]))},
+        )
+    if sort == "oldest" and len(values) == 2:
+        return (
+            "AND (s.created_at > :c0 OR (s.created_at = :c0 AND f.path > :c1))",
+            {"c0": values[0], "c1": to_db(str(values[1]))},
+        )
+    if values:
+        return "AND f.path > :c0", {"c0": to_db(str(values[0]))}
+    return "", {}
+
+
+def count(conn: sqlite3.Connection, filters: Filters = Filters()) -> int:
+    where, params = _where(filters)
+    sql = (
+        "SELECT count(*) FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
+        f"WHERE {where}"
+    )
+    return conn.execute(sql, params).fetchone()[0]
+
+
+def matching(
+    conn: sqlite3.Connection,
+    paths: list[str],
+    filters: Filters = Filters(),
+    *,
+    after: str | None = None,
+    limit: int = 60,
+) -> Page:
+    """A page of the files a search found (best first), with the filters on top."""
+    values = decode_cursor(after)
+    start = values[0] if values and isinstance(values[0], int) else 0
+    where, params = _where(filters)
+    tiles: list[Tile] = []
+    position = start
+    chunk = max(limit, 100)
+    while len(tiles) < limit and position < len(paths):
+        wanted = paths[position : position + chunk]
+        marks = ",".join(f":p{n}" for n in range(len(wanted)))
+        found = conn.execute(
+            f"SELECT {_COLUMNS} FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
+            f"LEFT JOIN images i ON i.content_id = f.content_id WHERE {where} AND f.path IN "
+            f"({marks})",
+            {**params, **{f"p{n}": to_db(p) for n, p in enumerate(wanted)}},
+        ).fetchall()
+        by_path = {from_db(r[0]): r for r in found}
+        for offset, path in enumerate(wanted):
+            if path in by_path:
+                tiles.extend(_tiles(conn, [by_path[path]]))
+                if len(tiles) == limit:
+                    position += offset + 1
+                    break
+        else:
+            position += len(wanted)
+    more = position < len(paths)
+    return Page(tiles, encode_cursor([position]) if more else None, None)
+
+
+def _tiles(conn: sqlite3.Connection, rows: list[tuple]) -> list[Tile]:
+    tiles = [Tile(r[1], from_db(r[0]), r[2], r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
+    keywords = keywords_of(conn, [t.set_id for t in tiles])
+    for tile in tiles:
+        tile.keywords = keywords.get(tile.set_id, [])
+    return tiles

@@ -1,0 +1,1 @@
+"""`vlmtag serve`: the web app to look at, search and curate a library (extra: serve)."""

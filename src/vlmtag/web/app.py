@@ -1,0 +1,325 @@
+"""The web app: pages, a JSON API for the grid and the viewer, thumbnails, decisions.
+
+Everything reads and writes through vlmtag.api.Library, like the command line. Database work
+runs on the event loop's thread (one connection, queries of milliseconds); thumbnails are
+made in their own bounded pool. Pictures are found by content id only, from the path the
+database holds for it: never from a path a browser sends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from vlmtag import __version__
+from vlmtag.api import Library
+from vlmtag.errors import ImageError, UsageError
+from vlmtag.ingest.files import open_regular
+from vlmtag.library.browse import Filters, Tile
+from vlmtag.text import printable
+from vlmtag.web import i18n
+from vlmtag.web.guard import COOKIE, Guard, middleware
+from vlmtag.web.thumbs import CONTENT_ID, SIZES, Thumbnails
+
+HERE = Path(__file__).parent
+MAX_BODY = 1_000_000  # a decision is a few hundred bytes; a selection of 10,000 ids ~700 KB
+MAX_SELECTION = 10_000
+CLOUD_SIZE = 40
+
+
+class WebApp:
+    def __init__(self, db_path: str, guard: Guard, thumbs: Thumbnails):
+        self.library = Library.open(db_path)
+        self.guard = guard
+        self.thumbs = thumbs
+        self.templates = Environment(
+            loader=FileSystemLoader(HERE / "templates"),
+            autoescape=select_autoescape(default=True, default_for_string=True),
+        )
+
+    # ---- pages ---------------------------------------------------------------------------
+
+    def language(self, request: Request) -> str:
+        return i18n.choose(
+            request.query_params.get("lang"),
+            request.cookies.get("vlmtag_lang"),
+            request.headers.get("accept-language"),
+        )
+
+    def page(self, request: Request, template: str, **values: Any) -> HTMLResponse:
+        lang = self.language(request)
+        words = i18n.WORDS[lang]
+        body = self.templates.get_template(template).render(
+            t=words, lang=lang, version=__version__, token=self.guard.change_token,
+            read_only=self.guard.read_only, words_json=json.dumps(words, ensure_ascii=False),
+            **values,
+        )  # fmt: skip
+        response = HTMLResponse(body)
+        if request.query_params.get("lang") in i18n.LANGUAGES:
+            response.set_cookie("vlmtag_lang", lang, samesite="strict", max_age=3600 * 24 * 365)
+        token = request.query_params.get("token")
+        if self.guard.access_token and token == self.guard.access_token:
+            response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    async def index(self, request: Request) -> Response:
+        return self.page(
+            request,
+            "index.html",
+            models=self.library.known_models(),
+            languages=self.library.known_languages(),
+        )
+
+    async def failures_page(self, request: Request) -> Response:
+        rows = self.library.failures()
+        return self.page(request, "failures.html", failures=rows[:5000], total=len(rows))
+
+    async def runs_page(self, request: Request) -> Response:
+        return self.page(request, "runs.html", runs=[run_row(r) for r in self.library.runs(200)])
+
+    # ---- the JSON API --------------------------------------------------------------------
+
+    def filters(self, request: Request) -> Filters:
+        q = request.query_params
+        return Filters(
+            tags=tuple(t for t in q.getlist("tag") if t.strip())[:20],
+            folder=q.get("folder") or None,
+            model=q.get("model") or None,
+            language=q.get("language") or None,
+            unreviewed=q.get("review") == "1",
+        )
+
+    async def images(self, request: Request) -> Response:
+        q = request.query_params
+        try:
+            limit = int(q.get("limit", "60"))
+        except ValueError:
+            limit = 60
+        try:
+            found = self.library.browse(
+                self.filters(request),
+                query=q.get("q") or None,
+                sort=q.get("sort", "path"),
+                after=q.get("after") or None,
+                limit=limit,
+            )
+        except UsageError as exc:
+            return JSONResponse({"error": printable(str(exc))}, status_code=400)
+        return JSONResponse(
+            {"tiles": [tile_json(t) for t in found.tiles], "after": found.after,
+             "total": found.total}
+        )  # fmt: skip
+
+    async def image(self, request: Request) -> Response:
+        content_id = request.path_params["content_id"]
+        record = self.library.content(content_id) if CONTENT_ID.match(content_id) else None
+        if record is None:
+            return JSONResponse({"error": "no such image"}, status_code=404)
+        chosen = record.chosen
+        return JSONResponse(
+            {
+                "id": content_id,
+                "path": printable(record.path),
+                "other_paths": [printable(p) for p in record.other_paths],
+                "keywords": [keyword_json(k) for k in (chosen.keywords if chosen else [])],
+                "description": chosen.description if chosen else None,
+                "model": chosen.model if chosen else None,
+                "language": chosen.language if chosen else None,
+                "width": chosen.width if chosen else None,
+                "height": chosen.height if chosen else None,
+                "created_at": chosen.created_at if chosen else None,
+            }
+        )
+
+    async def tags(self, request: Request) -> Response:
+        prefix = (request.query_params.get("prefix") or "").strip().lower()
+        counts = self.library.keyword_counts()
+        if prefix:
+            counts = [c for c in counts if c.tag.lower().startswith(prefix)]
+        try:
+            limit = max(1, min(int(request.query_params.get("limit", CLOUD_SIZE)), 500))
+        except ValueError:
+            limit = CLOUD_SIZE
+        return JSONResponse(
+            {"tags": [{"text": c.tag, "count": c.count} for c in counts[:limit]],
+             "total": len(counts)}
+        )  # fmt: skip
+
+    async def picture(self, request: Request) -> Response:
+        content_id, size = request.path_params["content_id"], request.path_params["size"]
+        if not CONTENT_ID.match(content_id) or size not in SIZES:
+            return Response("no such image", status_code=404)
+        etag = f'"{content_id[:32]}-{size}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={"etag": etag})
+        paths = self.library.store.paths_of(content_id)
+        source = next((p for p in paths if _regular(p)), None)
+        cached = self.thumbs.path_for(content_id, size)
+        if source is None and not cached.is_file():
+            return Response("no such image", status_code=404)
+        try:
+            found = await self.thumbs.get(content_id, size, source or "")
+        except (ImageError, OSError):
+            return Response("this picture cannot be shown", status_code=404)
+        return FileResponse(
+            found,
+            media_type="image/jpeg",
+            headers={"etag": etag, "cache-control": "private, max-age=31536000, immutable"},
+        )
+
+    async def decide(self, request: Request) -> Response:
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        ids = _ids(body.get("ids"))
+        action, keywords = body.get("action"), body.get("keywords")
+        if not ids or action not in ("add", "reject") or not _strings(keywords):
+            return JSONResponse({"error": "ids, action and keywords are needed"}, 400)
+        try:
+            changed = self.library.decide(ids, action, keywords, via="web")
+        except UsageError as exc:
+            return JSONResponse({"error": printable(str(exc))}, 400)
+        return JSONResponse({"changed": changed})
+
+    async def describe(self, request: Request) -> Response:
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        ids, text = _ids(body.get("ids")), body.get("text")
+        if not ids or not isinstance(text, str):
+            return JSONResponse({"error": "ids and text are needed"}, 400)
+        try:
+            changed = self.library.describe_content(ids, text, via="web")
+        except UsageError as exc:
+            return JSONResponse({"error": printable(str(exc))}, 400)
+        return JSONResponse({"changed": changed})
+
+    async def undo(self, request: Request) -> Response:
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        content_id = body.get("id")
+        if content_id is not None and not (
+            isinstance(content_id, str) and CONTENT_ID.match(content_id)
+        ):
+            return JSONResponse({"error": "no such image"}, 404)
+        taken = self.library.undo_content(content_id, via="web")
+        return JSONResponse({"undone": len(taken)})
+
+    def close(self) -> None:
+        self.thumbs.close()
+        self.library.close()
+
+
+def run_row(run: dict[str, Any]) -> dict[str, Any]:
+    """A run as the runs page shows it: its counts in a line, and images a second."""
+    try:
+        counts = json.loads(run.get("counts") or "{}")
+    except ValueError:
+        counts = {}
+    counts = counts if isinstance(counts, dict) else {}
+    shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+    speed = ""
+    try:
+        started = datetime.fromisoformat(run["started_at"])
+        finished = datetime.fromisoformat(run["finished_at"])
+        seconds = (finished - started).total_seconds()
+        done = int(counts.get("tagged", 0)) + int(counts.get("failed", 0))
+        if seconds > 0 and done:
+            speed = f"{done / seconds:.1f}"
+    except (KeyError, TypeError, ValueError):
+        pass
+    return {**run, "counts_text": shown, "speed": speed}
+
+
+def tile_json(tile: Tile) -> dict[str, Any]:
+    return {
+        "id": tile.content_id,
+        "path": printable(tile.path),
+        "keywords": [keyword_json(k) for k in tile.keywords],
+        "description": tile.description,
+        "model": tile.model,
+        "language": tile.language,
+        "width": tile.width,
+        "height": tile.height,
+    }
+
+
+def keyword_json(keyword: Any) -> dict[str, Any]:
+    return {"text": keyword.text, "source": keyword.source, "confidence": keyword.confidence}
+
+
+async def read_json(request: Request) -> dict[str, Any] | Response:
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            return JSONResponse({"error": "request too large"}, 413)
+    try:
+        body = json.loads(raw or b"{}")
+    except (ValueError, RecursionError):
+        return JSONResponse({"error": "the body is not JSON"}, 400)
+    if not isinstance(body, dict):
+        return JSONResponse({"error": "the body is not a JSON object"}, 400)
+    return body
+
+
+def _ids(value: Any) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_SELECTION:
+        return []
+    if not all(isinstance(v, str) and CONTENT_ID.match(v) for v in value):
+        return []
+    return list(dict.fromkeys(value))
+
+
+def _strings(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and 0 < len(value) <= 100
+        and all(isinstance(v, str) and 0 < len(v) <= 200 for v in value)
+    )
+
+
+def _regular(path: str) -> bool:
+    try:
+        stream, _ = open_regular(path)
+    except ImageError:
+        return False
+    stream.close()
+    return True
+
+
+def create_app(db_path: str, guard: Guard, thumbs_folder: Path) -> Starlette:
+    web = WebApp(db_path, guard, Thumbnails(thumbs_folder))
+    routes = [
+        Route("/", web.index),
+        Route("/failures", web.failures_page),
+        Route("/runs", web.runs_page),
+        Route("/api/images", web.images),
+        Route("/api/image/{content_id}", web.image),
+        Route("/api/tags", web.tags),
+        Route("/picture/{content_id}/{size}", web.picture),
+        Route("/api/decide", web.decide, methods=["POST"]),
+        Route("/api/describe", web.describe, methods=["POST"]),
+        Route("/api/undo", web.undo, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        web.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.web = web
+    return middleware(app, guard)  # type: ignore[return-value]

@@ -1,0 +1,358 @@
+// vlmtag web app: the grid (endless, keyset pages), filters in the URL, the viewer and its keys.
+// Every text from the database goes in with textContent: a model that answers <script> shows text.
+"use strict";
+
+const config = JSON.parse(document.getElementById("config").textContent);
+const W = config.words;
+const $ = (id) => document.getElementById(id);
+const MAX_TILES = 1200; // tiles kept in the page; the farthest pages go when there are more
+const state = { tiles: [], after: null, loading: false, done: false, index: -1, focus: -1,
+  selected: new Set(), anchor: -1, generation: 0 };
+
+function params() { return new URLSearchParams(location.search); }
+
+function apiQuery(after) {
+  const p = params();
+  const q = new URLSearchParams();
+  for (const key of ["q", "sort", "model", "language", "review", "folder"]) {
+    if (p.get(key)) q.set(key, p.get(key));
+  }
+  for (const tag of p.getAll("tag")) q.append("tag", tag);
+  if (after) q.set("after", after);
+  return q;
+}
+
+function setParam(key, value, many) {
+  const p = params();
+  if (many) { p.append(key, value); } else if (value) { p.set(key, value); } else { p.delete(key); }
+  p.delete("lang");
+  history.pushState(null, "", "?" + p.toString());
+  reload();
+}
+
+async function post(path, body) {
+  const response = await fetch(path, {
+    method: "POST", credentials: "same-origin",
+    headers: { "content-type": "application/json", "x-vlmtag-token": config.token },
+    body: JSON.stringify(body),
+  });
+  const answer = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(answer.error || response.statusText);
+  return answer;
+}
+
+function el(tag, attrs, text) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
+  if (text !== undefined && text !== null) node.textContent = text;
+  return node;
+}
+
+// ---- the grid ----------------------------------------------------------------------------
+
+function tileNode(tile, i) {
+  const node = el("div", { class: "tile", role: "listitem", "data-index": String(i), "data-id": tile.id });
+  const img = el("img", { src: `/picture/${tile.id}/grid`, loading: "lazy", alt: tile.path });
+  node.append(img, el("div", { class: "kw", title: tile.path },
+    tile.keywords.map((k) => k.text).join(", ") || "—"));
+  node.addEventListener("click", (event) => onTileClick(event, i));
+  if (state.selected.has(tile.id)) node.classList.add("selected");
+  return node;
+}
+
+async function loadMore() {
+  if (state.loading || state.done) return;
+  state.loading = true;
+  const generation = state.generation;
+  try {
+    const response = await fetch("/api/images?" + apiQuery(state.after).toString());
+    const page = await response.json();
+    if (generation !== state.generation) return;
+    if (!response.ok) { $("count").textContent = page.error || response.statusText; state.done = true; return; }
+    const grid = $("grid");
+    const start = state.tiles.length;
+    page.tiles.forEach((tile, n) => { state.tiles.push(tile); grid.append(tileNode(tile, start + n)); });
+    state.after = page.after;
+    state.done = !page.after;
+    if (page.total !== null && page.total !== undefined) $("count").textContent = `${page.total} ${W.images}`;
+    $("empty").hidden = state.tiles.length > 0;
+    $("sentinel").hidden = state.done;
+    dropFar();
+  } finally {
+    state.loading = false;
+  }
+}
+
+function dropFar() {
+  // Far pages leave the page (never one giant container); their place is kept by height.
+  const grid = $("grid");
+  const nodes = grid.querySelectorAll(".tile:not(.gone)");
+  if (nodes.length <= MAX_TILES) return;
+  for (const node of Array.from(nodes).slice(0, nodes.length - MAX_TILES)) {
+    node.classList.add("gone");
+    node.replaceChildren();
+    node.style.height = "0";
+    node.style.border = "0";
+  }
+}
+
+function reload() {
+  state.generation += 1;
+  state.tiles = []; state.after = null; state.done = false; state.loading = false;
+  state.selected.clear();
+  paintSelection();
+  $("grid").replaceChildren();
+  $("count").textContent = "";
+  syncControls();
+  loadMore();
+  loadCloud();
+}
+
+function syncControls() {
+  const p = params();
+  $("q").value = p.get("q") || "";
+  $("sort").value = p.get("sort") || "path";
+  $("model").value = p.get("model") || "";
+  $("language").value = p.get("language") || "";
+  const active = $("active-tags");
+  active.replaceChildren();
+  for (const tag of p.getAll("tag")) {
+    const chip = el("span", { class: "chip person" }, tag);
+    const remove = el("button", { type: "button", title: W.clear_filters }, "×");
+    remove.addEventListener("click", () => {
+      const next = params();
+      const kept = next.getAll("tag").filter((t) => t !== tag);
+      next.delete("tag"); kept.forEach((t) => next.append("tag", t));
+      history.pushState(null, "", "?" + next.toString()); reload();
+    });
+    chip.append(remove); active.append(chip);
+  }
+}
+
+async function loadCloud(limit) {
+  const response = await fetch(`/api/tags?limit=${limit || 40}`);
+  const answer = await response.json();
+  const cloud = $("cloud");
+  cloud.replaceChildren();
+  for (const tag of answer.tags) {
+    const button = el("button", { type: "button" }, tag.text);
+    button.append(el("small", {}, String(tag.count)));
+    button.addEventListener("click", () => setParam("tag", tag.text, true));
+    cloud.append(button);
+  }
+  $("more-tags").hidden = answer.total <= answer.tags.length;
+  const suggest = $("suggest");
+  suggest.replaceChildren(...answer.tags.map((t) => el("option", { value: t.text })));
+}
+
+function onTileClick(event, i) {
+  const tile = state.tiles[i];
+  if (event.shiftKey && state.anchor >= 0) {
+    const [a, b] = [Math.min(state.anchor, i), Math.max(state.anchor, i)];
+    for (let n = a; n <= b; n++) state.selected.add(state.tiles[n].id);
+    paintSelection();
+    return;
+  }
+  if (event.ctrlKey || event.metaKey) {
+    state.selected.has(tile.id) ? state.selected.delete(tile.id) : state.selected.add(tile.id);
+    state.anchor = i; paintSelection();
+    return;
+  }
+  state.anchor = i;
+  openViewer(i);
+}
+
+function paintSelection() {
+  for (const node of $("grid").querySelectorAll(".tile")) {
+    node.classList.toggle("selected", state.selected.has(node.dataset.id));
+  }
+  const n = state.selected.size;
+  $("bulk").hidden = n === 0 || config.readOnly;
+  $("bulk-count").textContent = `${n} ${W.selected}`;
+}
+
+async function bulk(action) {
+  const word = $("bulk-input").value.trim();
+  const ids = Array.from(state.selected);
+  if (!word || !ids.length) return;
+  try {
+    const answer = await post("/api/decide", { ids, action, keywords: [word] });
+    $("bulk-status").textContent = `${W.saved} (${answer.changed})`;
+    $("bulk-input").value = "";
+    refreshTiles(ids);
+  } catch (error) { $("bulk-status").textContent = `${W.error}: ${error.message}`; }
+}
+
+// ---- the viewer --------------------------------------------------------------------------
+
+async function openViewer(i) {
+  if (i < 0 || i >= state.tiles.length) return;
+  state.index = i; state.focus = -1;
+  const tile = state.tiles[i];
+  $("viewer").hidden = false;
+  $("view-img").src = `/picture/${tile.id}/view`;
+  $("view-img").alt = tile.path;
+  await showDetails(tile.id);
+  if (i >= state.tiles.length - 5) loadMore();
+}
+
+async function showDetails(id) {
+  const response = await fetch(`/api/image/${id}`);
+  const image = await response.json();
+  if (!response.ok) { status(image.error || response.statusText, true); return; }
+  $("view-path").textContent = image.path;
+  const chips = $("view-chips");
+  chips.replaceChildren();
+  image.keywords.forEach((k, n) => {
+    const chip = el("span", { class: `chip ${k.source}`, "data-n": String(n), tabindex: "0",
+      title: k.source === "person" ? W.person_kw : W.model_kw }, k.text);
+    if (k.confidence !== null && k.confidence !== undefined) {
+      chip.append(el("small", {}, `${Math.round(k.confidence * 100)}%`));
+    }
+    if (!config.readOnly) {
+      const reject = el("button", { type: "button", title: W.reject, "aria-label": `${W.reject} ${k.text}` }, "×");
+      reject.addEventListener("click", () => decide("reject", [k.text]));
+      chip.append(reject);
+    }
+    chips.append(chip);
+  });
+  $("view-desc").textContent = image.description || "";
+  $("desc-input").value = image.description || "";
+  const facts = $("view-facts");
+  facts.replaceChildren();
+  const rows = [[W.model, image.model], [W.language_filter, image.language],
+    [W.size, image.width ? `${image.width} × ${image.height}` : ""]];
+  for (const other of image.other_paths) rows.push([W.other_paths, other]);
+  for (const [k, v] of rows) { if (v) facts.append(el("dt", {}, k), el("dd", {}, v)); }
+  state.current = image;
+  paintFocus();
+}
+
+function closeViewer() { $("viewer").hidden = true; state.index = -1; if (document.fullscreenElement) document.exitFullscreen(); }
+
+function move(step) { if (state.index >= 0) openViewer(state.index + step); }
+
+function status(text, bad) { const s = $("status"); s.textContent = text; s.style.color = bad ? "#b3261e" : ""; }
+
+function targets() {
+  if (state.index >= 0 && !$("viewer").hidden) return [state.tiles[state.index].id];
+  return Array.from(state.selected);
+}
+
+async function decide(action, keywords) {
+  const ids = targets();
+  if (!ids.length || !keywords.length) return;
+  try {
+    await post("/api/decide", { ids, action, keywords });
+    status(W.saved);
+    if (!$("viewer").hidden) await showDetails(ids[0]);
+    refreshTiles(ids);
+  } catch (error) { status(`${W.error}: ${error.message}`, true); }
+}
+
+async function refreshTiles(ids) {
+  for (const id of ids) {
+    const response = await fetch(`/api/image/${id}`);
+    if (!response.ok) continue;
+    const image = await response.json();
+    state.tiles.forEach((tile, i) => {
+      if (tile.id !== id) return;
+      tile.keywords = image.keywords;
+      const node = $("grid").querySelector(`.tile[data-index="${i}"] .kw`);
+      if (node) node.textContent = image.keywords.map((k) => k.text).join(", ") || "—";
+    });
+  }
+}
+
+function paintFocus() {
+  for (const chip of $("view-chips").querySelectorAll(".chip")) {
+    chip.classList.toggle("focused", Number(chip.dataset.n) === state.focus);
+  }
+}
+
+// ---- keys --------------------------------------------------------------------------------
+
+function typing(event) {
+  const t = event.target;
+  return t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.tagName === "SELECT" || t.isContentEditable);
+}
+
+document.addEventListener("keydown", (event) => {
+  if (typing(event) || event.ctrlKey || event.metaKey || event.altKey) {
+    if (event.key === "Escape" && typing(event)) event.target.blur();
+    return;
+  }
+  const open = !$("viewer").hidden;
+  const key = event.key;
+  if (key === "?") { $("help").hidden = !$("help").hidden; return; }
+  if (key === "Escape") { $("help").hidden = true; if (open) closeViewer(); return; }
+  if (!open) {
+    if ((key === "Enter" || key === "j" || key === "ArrowRight") && state.tiles.length) openViewer(Math.max(0, state.anchor));
+    return;
+  }
+  const keywords = state.current ? state.current.keywords : [];
+  if (key === "j" || key === "ArrowRight") { move(1); event.preventDefault(); }
+  else if (key === "k" || key === "ArrowLeft") { move(-1); event.preventDefault(); }
+  else if (key === "ArrowDown" || key === "l") { state.focus = Math.min(keywords.length - 1, state.focus + 1); paintFocus(); event.preventDefault(); }
+  else if (key === "ArrowUp" || key === "h") { state.focus = Math.max(0, state.focus - 1); paintFocus(); event.preventDefault(); }
+  else if (key === "x" && !config.readOnly) {
+    const chosen = keywords[state.focus >= 0 ? state.focus : 0];
+    if (chosen) decide("reject", [chosen.text]);
+  }
+  else if (key === "a" && !config.readOnly) {
+    const suggested = keywords.filter((k) => k.source === "model").map((k) => k.text);
+    if (suggested.length) decide("add", suggested);
+  }
+  else if (key === "t" && !config.readOnly) { event.preventDefault(); $("add-input").focus(); }
+  else if (key === "e" && !config.readOnly) { event.preventDefault(); editDescription(); }
+  else if (key === "u" && !config.readOnly) undo();
+  else if (key === "f") { const stage = document.querySelector(".stage"); if (stage.requestFullscreen) stage.requestFullscreen(); }
+});
+
+function editDescription() { $("desc-form").hidden = false; $("view-desc").hidden = true; $("desc-input").focus(); }
+
+async function undo() {
+  const ids = targets();
+  try { await post("/api/undo", { id: ids[0] || null }); status(W.saved); if (ids[0]) { await showDetails(ids[0]); refreshTiles(ids); } }
+  catch (error) { status(`${W.error}: ${error.message}`, true); }
+}
+
+// ---- wiring ------------------------------------------------------------------------------
+
+$("search").addEventListener("submit", (event) => { event.preventDefault(); setParam("q", $("q").value.trim()); });
+$("sort").addEventListener("change", () => setParam("sort", $("sort").value));
+$("model").addEventListener("change", () => setParam("model", $("model").value));
+$("language").addEventListener("change", () => setParam("language", $("language").value));
+$("clear").addEventListener("click", () => { history.pushState(null, "", "/"); reload(); });
+$("more-tags").addEventListener("click", () => loadCloud(500));
+$("close").addEventListener("click", closeViewer);
+$("prev").addEventListener("click", () => move(-1));
+$("next").addEventListener("click", () => move(1));
+$("accept-all").addEventListener("click", () => {
+  const suggested = (state.current ? state.current.keywords : []).filter((k) => k.source === "model").map((k) => k.text);
+  if (suggested.length) decide("add", suggested);
+});
+$("undo").addEventListener("click", undo);
+$("bulk").addEventListener("submit", (event) => { event.preventDefault(); bulk("add"); });
+$("bulk-reject").addEventListener("click", () => bulk("reject"));
+$("bulk-none").addEventListener("click", () => { state.selected.clear(); paintSelection(); });
+$("add-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const word = $("add-input").value.trim();
+  if (word) { decide("add", [word]); $("add-input").value = ""; $("add-input").blur(); }
+});
+$("desc-edit").addEventListener("click", editDescription);
+$("desc-cancel").addEventListener("click", () => { $("desc-form").hidden = true; $("view-desc").hidden = false; });
+$("desc-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  try {
+    await post("/api/describe", { ids: targets(), text: $("desc-input").value });
+    $("desc-form").hidden = true; $("view-desc").hidden = false;
+    status(W.saved); await showDetails(targets()[0]);
+  } catch (error) { status(`${W.error}: ${error.message}`, true); }
+});
+if (config.readOnly) for (const id of ["accept-all", "undo", "add-form", "desc-edit"]) $(id).hidden = true;
+window.addEventListener("popstate", reload);
+new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting)) loadMore(); },
+  { rootMargin: "800px" }).observe($("sentinel"));
+reload();
