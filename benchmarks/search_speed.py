@@ -32,27 +32,31 @@ WORDS = (WORDS + " birthday cake snow tree flower bird boat bicycle bridge fores
 ZH = list("狗猫雪树花鸟船山湖") + ["海滩", "沙发", "拉面", "城市", "街道", "夜晚", "汽车", "日落"]
 
 
-def fill(store: Store, count: int) -> float:
-    """COUNT images through the real tables; returns the seconds the keyword sets took."""
+def fill(store: Store, count: int, content_id=lambda i: f"c{i}") -> float:
+    """COUNT images through the real tables; returns the seconds the keyword sets took.
+    content_id(i) names picture i (the web app takes only real, 64-hex ones)."""
     rng = random.Random(1)
     stamp = now()
     with store.transaction() as conn:
         conn.executemany(
             "INSERT INTO files (path, content_id, size, mtime_ns, first_seen, last_seen) "
             "VALUES (?, ?, 1, 1, ?, ?)",
-            [(f"/photos/{i % 100:02}/img{i:07}.jpg", f"c{i}", stamp, stamp) for i in range(count)],
+            [
+                (f"/photos/{i % 100:02}/img{i:07}.jpg", content_id(i), stamp, stamp)
+                for i in range(count)
+            ],
         )
         annotations, tags, decisions = [], [], []
         for i in range(count):
             words = rng.sample(WORDS, 8)
             text = "A " + " and a ".join(words[:3]) + "."
-            annotations.append((len(annotations) + 1, f"c{i}", "en", text))
+            annotations.append((len(annotations) + 1, content_id(i), "en", text))
             tags.extend((len(annotations), p, w) for p, w in enumerate(words))
             if i % 10 == 0:
-                annotations.append((len(annotations) + 1, f"c{i}", "zh", "一只" + ZH[i % 20]))
+                annotations.append((len(annotations) + 1, content_id(i), "zh", "一只" + ZH[i % 20]))
                 tags.extend((len(annotations), p, w) for p, w in enumerate(rng.sample(ZH, 6)))
             if i % 100 == 0:
-                decisions.append((f"c{i}", "Grace Hopper", "grace hopper", stamp))
+                decisions.append((content_id(i), "Grace Hopper", "grace hopper", stamp))
         conn.executemany(
             "INSERT INTO annotations (id, content_id, backend, model, prompt_key, language, "
             "description, created_at) VALUES (?, ?, 'ollama', 'm', ?, ?, ?, ?)",

@@ -225,9 +225,21 @@ class Library:
             )
             found.total = len(hits) if not filters.tags and not filters.unreviewed else None
             return found
-        return browse.page(
-            self.store.conn, filters, sort=sort, after=after, limit=limit, with_total=after is None
-        )
+        return browse.page(self.store.conn, filters, sort=sort, after=after, limit=limit)
+
+    def count(self, filters: browse.Filters | None = None, *, query: str | None = None) -> int:
+        """How many files a grid of these filters (and query) holds."""
+        filters = filters or browse.Filters()
+        if query and query.strip():
+            found = self.browse(filters, query=query, limit=browse.PAGE_MAX)
+            if found.total is not None:
+                return found.total
+            hits = search.search(
+                self.store, query, language=filters.language, model=filters.model,
+                path_prefix=filters.folder,
+            )  # fmt: skip
+            return browse.count_of(self.store.conn, [h.path for h in hits], filters)
+        return browse.count(self.store.conn, filters)
 
     def content(self, content_id: str) -> ImageRecord | None:
         """Everything stored for one picture, by its content id (None if unknown): what the

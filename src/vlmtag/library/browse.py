@@ -19,6 +19,7 @@ from vlmtag.library.paths import from_db, to_db, under_clause
 from vlmtag.text import keyword_key
 
 SORTS = ("path", "newest", "oldest")
+# The newest sort's cursor: (created_at, set id, path).
 PAGE_MAX = 200
 
 
@@ -51,7 +52,7 @@ class Tile:
 class Page:
     tiles: list[Tile]
     after: str | None  # the cursor of the next page; None at the end
-    total: int | None = None  # how many match, where asked
+    total: int | None = None  # how many match, where known
 
 
 def encode_cursor(values: list[Any]) -> str:
@@ -106,63 +107,85 @@ def page(
     sort: str = "path",
     after: str | None = None,
     limit: int = 60,
-    with_total: bool = False,
 ) -> Page:
-    """One page of tiles in `sort` order after the cursor."""
+    """One page of tiles in `sort` order after the cursor (newest/oldest: by the time of
+    the keywords, then the set, then the path; each an index walk, never a sort)."""
     limit = max(1, min(limit, PAGE_MAX))
     where, params = _where(filters)
-    order, key = {
-        "path": ("f.path", lambda t: [t[0]]),
-        "newest": ("s.created_at DESC, f.path", lambda t: [t[5], t[0]]),
-        "oldest": ("s.created_at, f.path", lambda t: [t[5], t[0]]),
-    }[sort if sort in SORTS else "path"]
+    sort = sort if sort in SORTS else "path"
+    order = {
+        "path": "f.path",
+        "newest": "s.created_at DESC, s.id DESC, f.path",
+        "oldest": "s.created_at, s.id, f.path",
+    }[sort]
     seek = ""
     values = decode_cursor(after)
     if values is not None:
         seek, seek_params = _seek(sort, values)
         params.update(seek_params)
+    # Newest/oldest walk the sets in time order and look up their files; by path, the files.
+    tables = (
+        "files f JOIN keyword_sets s ON s.content_id = f.content_id"
+        if sort == "path"
+        else "keyword_sets s JOIN files f ON f.content_id = s.content_id"
+    )
     sql = (
-        f"SELECT {_COLUMNS} FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
-        f"LEFT JOIN images i ON i.content_id = f.content_id WHERE {where} {seek} "
-        f"ORDER BY {order} LIMIT :limit"
+        f"SELECT {_COLUMNS} FROM {tables} LEFT JOIN images i ON i.content_id = f.content_id "
+        f"WHERE {where} {seek} ORDER BY {order} LIMIT :limit"
     )
     rows = conn.execute(sql, {**params, "limit": limit + 1}).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
     tiles = _tiles(conn, rows)
-    cursor = encode_cursor(_cursor_values(key(rows[-1]))) if more and rows else None
-    total = count(conn, filters) if with_total else None
-    return Page(tiles, cursor, total)
-
-
-def _cursor_values(values: list[Any]) -> list[Any]:
-    # A path that is no UTF-8 is bytes: it travels as its surrogate-escaped text.
-    return [from_db(v) if isinstance(v, bytes) else v for v in values]
+    last = tiles[-1] if more and tiles else None
+    if last is None:
+        return Page(tiles, None)
+    key = [last.path] if sort == "path" else [last.created_at, last.set_id, last.path]
+    return Page(tiles, encode_cursor(key))
 
 
 def _seek(sort: str, values: list[Any]) -> tuple[str, dict[str, Any]]:
-    if sort == "newest" and len(values) == 2:
+    if sort in ("newest", "oldest") and len(values) == 3:
+        before = "<" if sort == "newest" else ">"
         return (
-            "AND (s.created_at < :c0 OR (s.created_at = :c0 AND f.path > :c1))",
-            {"c0": values[0], "c1": to_db(str(values[1]))},
+            f"AND (s.created_at {before} :c0 OR (s.created_at = :c0 AND (s.id {before} :c1 OR "
+            "(s.id = :c1 AND f.path > :c2))))",
+            {"c0": values[0], "c1": values[1], "c2": to_db(str(values[2]))},
         )
-    if sort == "oldest" and len(values) == 2:
-        return (
-            "AND (s.created_at > :c0 OR (s.created_at = :c0 AND f.path > :c1))",
-            {"c0": values[0], "c1": to_db(str(values[1]))},
-        )
-    if values:
+    if sort == "path" and values:
         return "AND f.path > :c0", {"c0": to_db(str(values[0]))}
     return "", {}
 
 
 def count(conn: sqlite3.Connection, filters: Filters = Filters()) -> int:
+    """How many files the filters keep. With keywords, driven by the rarest one's index."""
     where, params = _where(filters)
-    sql = (
-        "SELECT count(*) FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
-        f"WHERE {where}"
-    )
+    if filters.tags:
+        sql = (
+            "SELECT count(*) FROM set_keywords k0 JOIN keyword_sets s ON s.id = k0.set_id "
+            f"JOIN files f ON f.content_id = s.content_id WHERE k0.key = :tag0 AND {where}"
+        )
+    else:
+        sql = (
+            "SELECT count(*) FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
+            f"WHERE {where}"
+        )
     return conn.execute(sql, params).fetchone()[0]
+
+
+def count_of(conn: sqlite3.Connection, paths: list[str], filters: Filters = Filters()) -> int:
+    """How many of these files the filters keep."""
+    where, params = _where(filters)
+    kept = 0
+    for start in range(0, len(paths), 500):
+        chunk = paths[start : start + 500]
+        marks = ",".join(f":p{n}" for n in range(len(chunk)))
+        kept += conn.execute(
+            "SELECT count(*) FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
+            f"WHERE {where} AND f.path IN ({marks})",
+            {**params, **{f"p{n}": to_db(p) for n, p in enumerate(chunk)}},
+        ).fetchone()[0]
+    return kept
 
 
 def matching(

@@ -180,6 +180,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE files ADD COLUMN whole_file_id INTEGER NOT NULL DEFAULT 0;
     UPDATE files SET whole_file_id = 1;
     """,
+    # 5: the web app's grid at size: present files by content (covering), the newest sets
+    # in time order (newest-first pages without sorting the library)
+    """
+    CREATE INDEX files_present_content ON files(content_id, path) WHERE present = 1;
+    CREATE INDEX keyword_sets_newest_time ON keyword_sets(created_at, id) WHERE newest = 1;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # Migrations whose SQL is followed by a Python step (db.Store runs it in the same transaction).

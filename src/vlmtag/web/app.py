@@ -42,6 +42,7 @@ class WebApp:
         self.library = Library.open(db_path)
         self.guard = guard
         self.thumbs = thumbs
+        self._cache: dict[tuple, Any] = {}
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -120,6 +121,31 @@ class WebApp:
              "total": found.total}
         )  # fmt: skip
 
+    async def count(self, request: Request) -> Response:
+        """How many the grid holds: its own request, so the grid never waits for it; kept
+        until the database changes (another connection's commit, or ours)."""
+        q = request.query_params.get("q") or None
+        filters = self.filters(request)
+        try:
+            total = self.cached(
+                ("count", request.url.query), lambda: self.library.count(filters, query=q)
+            )
+        except UsageError as exc:
+            return JSONResponse({"error": printable(str(exc))}, status_code=400)
+        return JSONResponse({"total": total})
+
+    def cached(self, key: tuple, compute: Any) -> Any:
+        """compute(), kept until the database changes (another connection's commit, or
+        one of ours): counts over the whole library are read once per change."""
+        conn = self.library.store.conn
+        version = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
+        full = (*key, version)
+        if full not in self._cache:
+            if len(self._cache) > 200:
+                self._cache.clear()
+            self._cache[full] = compute()
+        return self._cache[full]
+
     async def image(self, request: Request) -> Response:
         content_id = request.path_params["content_id"]
         record = self.library.content(content_id) if CONTENT_ID.match(content_id) else None
@@ -143,7 +169,7 @@ class WebApp:
 
     async def tags(self, request: Request) -> Response:
         prefix = (request.query_params.get("prefix") or "").strip().lower()
-        counts = self.library.keyword_counts()
+        counts = self.cached(("tags",), self.library.keyword_counts)
         if prefix:
             counts = [c for c in counts if c.tag.lower().startswith(prefix)]
         try:
@@ -306,6 +332,7 @@ def create_app(db_path: str, guard: Guard, thumbs_folder: Path) -> Starlette:
         Route("/failures", web.failures_page),
         Route("/runs", web.runs_page),
         Route("/api/images", web.images),
+        Route("/api/count", web.count),
         Route("/api/image/{content_id}", web.image),
         Route("/api/tags", web.tags),
         Route("/picture/{content_id}/{size}", web.picture),

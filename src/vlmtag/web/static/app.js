@@ -75,12 +75,20 @@ async function loadMore() {
     state.after = page.after;
     state.done = !page.after;
     if (page.total !== null && page.total !== undefined) $("count").textContent = `${page.total} ${W.images}`;
+    else if (!state.counted) loadCount(generation);
     $("empty").hidden = state.tiles.length > 0;
     $("sentinel").hidden = state.done;
     dropFar();
   } finally {
     state.loading = false;
   }
+}
+
+async function loadCount(generation) {
+  state.counted = true;
+  const response = await fetch("/api/count?" + apiQuery(null).toString());
+  const answer = await response.json().catch(() => ({}));
+  if (generation === state.generation && response.ok) $("count").textContent = `${answer.total} ${W.images}`;
 }
 
 function dropFar() {
@@ -98,7 +106,7 @@ function dropFar() {
 
 function reload() {
   state.generation += 1;
-  state.tiles = []; state.after = null; state.done = false; state.loading = false;
+  state.tiles = []; state.after = null; state.done = false; state.loading = false; state.counted = false;
   state.selected.clear();
   paintSelection();
   $("grid").replaceChildren();
