@@ -390,3 +390,32 @@ def test_finish_reason_is_read():
         server.fail_next("raw:" + json.dumps(body))
         reply = tag(server)
     assert reply.cut_off and reply.text.startswith('{"tags"')
+
+
+def test_a_plain_web_server_is_no_model_server(tmp_path):
+    import http.server
+    import threading
+
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SetupError) as caught:
+            just_start(f"http://127.0.0.1:{web.server_port}")
+    finally:
+        web.shutdown()
+    assert "not an OpenAI-compatible server" in str(caught.value)
+
+
+def test_a_port_that_never_answers_is_checked_once_not_twice():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)  # takes connections, never answers
+    try:
+        port = listener.getsockname()[1]
+        with pytest.raises(SetupError) as caught:
+            just_start(f"http://127.0.0.1:{port}", timeout=0.5)
+    finally:
+        listener.close()
+    assert "no answer within" in str(caught.value)
+    assert "attempts" not in str(caught.value)

@@ -20,6 +20,10 @@ class SetupError(VlmtagError):
     """The run cannot start: server unreachable, model missing, extra not installed (exit 2)."""
 
 
+class ModelChanged(SetupError):
+    """A server that came back serves another model than the one the run began with."""
+
+
 class StoreError(VlmtagError):
     """The database cannot be used: corrupt, foreign, locked by another run (exit 2)."""
 

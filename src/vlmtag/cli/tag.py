@@ -203,6 +203,7 @@ def bench(
     report = run(run_bench(settings, count, image_path, simulate and parse_simulate(simulate)))
     if as_json:
         echo_json(report)
+        _exit_if_nothing_tagged(report)
         return
     report["db"] = "(temporary)"
     render_summary(report)
@@ -215,6 +216,13 @@ def bench(
             f"{report['ideal_seconds']:.2f} s, vlmtag {report['wall_seconds']:.2f} s "
             f"(efficiency {report['efficiency']:.0%})"
         )
+    _exit_if_nothing_tagged(report)
+
+
+def _exit_if_nothing_tagged(report: dict[str, Any]) -> None:
+    """A bench whose every image failed measured nothing: exit 1, as `tag` does."""
+    if report.get("failed") and not report.get("tagged"):
+        sys.exit(1)
 
 
 @click.command()

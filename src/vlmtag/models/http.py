@@ -114,6 +114,9 @@ class RetryPolicy:
     backoff: float = BACKOFF_BASE
     backoff_cap: float = BACKOFF_CAP
     retry_after_cap: float = RETRY_AFTER_CAP
+    # A check that waited out its timeout says enough (a port that takes connections and
+    # never answers): the start-up checks do not wait it out twice.
+    retry_timeouts: bool = True
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Seconds to wait before retry number `attempt` (1-based)."""
@@ -271,7 +274,7 @@ async def request_json(
             waited = time.monotonic() - started
             error = InferenceError(
                 f"{label}: no answer within {waited:.1f} s (timeout {timeout:g} s)",
-                retryable=True,
+                retryable=policy.retry_timeouts,
             )
         except (httpx.RemoteProtocolError, httpx.NetworkError) as exc:
             error = InferenceError(
@@ -282,6 +285,10 @@ async def request_json(
         if not error.retryable or hopeless or attempts > policy.retries:
             if attempts > 1:
                 error.args = (f"{error.args[0]} (gave up after {attempts} attempts)",)
+            if isinstance(error, HTTPStatusError) and _not_ready(error):
+                # Started again and still loading its model: the server is away for a
+                # moment, not failing this image (the lane waits for it, then sends again).
+                raise ServerGoneError(str(error)) from None
             raise error from None
         wait = policy.delay(attempts, retry_after)
         log.info("%s; retry %d/%d in %.1f s", error, attempts, policy.retries, wait)
@@ -354,6 +361,11 @@ def _status_error(response: httpx.Response, label: str) -> HTTPStatusError:
         retryable=retryable and status not in NEVER_RETRY_STATUS,
         retry_after=parse_retry_after(response.headers.get("retry-after")),
     )
+
+
+def _not_ready(error: HTTPStatusError) -> bool:
+    """A 503 that says the model is still loading (llama.cpp "Loading model")."""
+    return error.status == 503 and "loading" in error.detail.lower()
 
 
 def parse_retry_after(value: str | None) -> float | None:

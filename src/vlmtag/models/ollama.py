@@ -64,7 +64,9 @@ class OllamaBackend(ServerBackend):
 
     async def start(self) -> None:
         """Check that the server answers and the model exists and can see images."""
-        probe = RetryPolicy(retries=min(self.policy.retries, 1), backoff=self.policy.backoff)
+        probe = RetryPolicy(
+            retries=min(self.policy.retries, 1), backoff=self.policy.backoff, retry_timeouts=False
+        )
         timeout = min(self.options.timeout, START_TIMEOUT)
         try:
             await get_json(

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from vlmtag.errors import InferenceError, SetupError
+from vlmtag.errors import InferenceError, ModelChanged, SetupError
 from vlmtag.models.base import BackendOptions
 from vlmtag.models.http import (
     BrokenAnswer,
@@ -53,6 +53,7 @@ SCHEMA_NAME = "image_tags"
 FORMATS = ("json_schema", "json_object", "none")  # response_format, most to least strict
 MAX_ADAPTATIONS = 4  # each one moves a field one step; the loop cannot go on for ever
 LISTED_MODELS_SHOWN = 20
+CONTEXT_MISSES = 3  # refusals as too big for the context, with no answer yet, that end the lane
 PUBLISHED_TIMEOUT = 5.0  # /props, /api/v0/models, /metrics answer from memory
 
 
@@ -80,6 +81,9 @@ class OpenAIBackend(ServerBackend):
         self._shape = RequestShape()
         self._shape_lock = threading.Lock()  # requests may run on several loops/threads
         self._vllm = False  # /v1/models said vLLM: its /metrics tell the queue
+        self._answered = False  # any image answered in this run
+        self._too_big = 0  # images refused as too big for the context
+        self._served: tuple[tuple[str, ...], str | None] | None = None  # at the first start
 
     @staticmethod
     def normalise_base(url: str) -> str:
@@ -96,7 +100,9 @@ class OpenAIBackend(ServerBackend):
 
     async def start(self) -> None:
         """Check the server answers, accepts the key, and serves the model."""
-        probe = RetryPolicy(retries=min(self.policy.retries, 1), backoff=self.policy.backoff)
+        probe = RetryPolicy(
+            retries=min(self.policy.retries, 1), backoff=self.policy.backoff, retry_timeouts=False
+        )
         timeout = min(self.options.timeout, START_TIMEOUT)
         try:
             listing = await get_json(
@@ -106,6 +112,7 @@ class OpenAIBackend(ServerBackend):
             if exc.status in (401, 403):
                 raise SetupError(self._key_problem(exc.status)) from None
             if exc.status == 404:
+                await self._check_chat_endpoint()
                 log.warning("%s has no /models list; not checking the model name", self.label)
                 return
             raise SetupError(f"{exc}; is this an OpenAI-compatible server?") from None
@@ -117,9 +124,59 @@ class OpenAIBackend(ServerBackend):
                 " offline without a server"
             ) from None
         named = bool(self.model)
-        await self._check_model(model_ids(listing))
-        self.published = await self._read_published(listing)
+        served = model_ids(listing)
+        await self._check_model(served)
+        published = await self._read_published(listing)
+        self._check_same_model(served, published)
+        self.published = published
         self._check_published(named=named)
+
+    def _check_same_model(self, served: list[str], published: Published) -> None:
+        """ModelChanged when a server asked again serves other weights than at the start
+        (restarted with another -m): what it says would be stored under the first name.
+        Only what the server says for sure is compared: one starting up may list nothing
+        yet, and with several models served, others come and go."""
+        ids = tuple(served) if len(served) == 1 else ()
+        path = published.model_path
+        if self._served is None:
+            self._served = (ids, path)
+            return
+        was_ids, was_path = self._served
+        self._served = (was_ids or ids, was_path or path)
+        if (ids and was_ids and ids != was_ids) or (path and was_path and path != was_path):
+            was = was_path or ", ".join(was_ids)
+            is_now = path or ", ".join(ids)
+            raise ModelChanged(
+                f"{self.label} came back serving another model ({one_line(is_now, 120)}, not"
+                f" {one_line(was, 120)}); its answers are not stored under the old name: rerun"
+                " to tag with the new one"
+            )
+
+    async def _check_chat_endpoint(self) -> None:
+        """A server without /models: is there a chat completions endpoint at all? A plain
+        web server (404/405/501) is no model server: said before any image is sent."""
+        payload = {
+            "model": self.model or "x",
+            "messages": [{"role": "user", "content": "OK"}],
+            "max_tokens": 1,
+        }
+        try:
+            await post_json(
+                self._client(),
+                "/chat/completions",
+                payload,
+                timeout=min(self.options.timeout, START_TIMEOUT),
+                policy=RetryPolicy(retries=0),
+                label=self.label,
+            )
+        except HTTPStatusError as exc:
+            if exc.status in (404, 405, 501):
+                raise SetupError(
+                    f"{self.shown_url} is not an OpenAI-compatible server (no /models, and"
+                    f" POST /chat/completions answers HTTP {exc.status}); check --api-base"
+                ) from None
+        except InferenceError:
+            return  # busy or slow is not "no server": the run will tell
 
     @property
     def root_url(self) -> str:
@@ -298,6 +355,7 @@ class OpenAIBackend(ServerBackend):
                 if adaptable and self._adapt(shape, exc):
                     continue
                 raise self._explain(exc) from None
+            self._answered = True
             reply.timings["request_seconds"] = time.monotonic() - started
             reply.timings["attempts"] = float(last_attempts())
             return reply
@@ -332,6 +390,14 @@ class OpenAIBackend(ServerBackend):
                 f"{self.label} cannot take images ({exc.detail}); llama-server: start it with"
                 " --mmproj FILE, the model's vision projector; or serve a vision model"
             )
+        if kind == "context" and exc.status == 400:
+            # The prompt and picture alone do not fit: after a few of those and no answer at
+            # all, every image would fail the same way. The lane retires with the fix.
+            self._too_big += 1
+            if self._too_big >= CONTEXT_MISSES and not self._answered:
+                return SetupError(
+                    f"{self.label}: {context_fix(self.published.context)} ({exc.detail})"
+                )
         if kind in ("context", "cut off"):
             # The fix first: the server's own words may be long, and reasons are cut.
             return InferenceError(

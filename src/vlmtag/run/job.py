@@ -134,10 +134,22 @@ def warn_if_context_small(backends: list[Backend], request, resize) -> None:
     """Say so up front when a server's context per request (as it publishes it) cannot hold
     the prompt, the image and the longest answer asked for: answers would be cut off."""
     need = request_tokens(request.system + request.prompt, resize, request.max_tokens)
+    asked = request_tokens(request.system + request.prompt, resize, 0)
     for backend in backends:
         published = getattr(backend, "published", None)
         context = getattr(published, "context", None)
         if not context or context >= need:
+            continue
+        if context < asked:
+            log.warning(
+                "%s gives each request %d tokens of context; the prompt and a picture alone"
+                " may need about %d, so pictures will likely be refused as too big. Give it"
+                " more (llama-server -c, shared by --parallel slots) or send smaller images"
+                " (--resize 384)",
+                getattr(backend, "label", backend.name),
+                context,
+                asked,
+            )
             continue
         slots = getattr(published, "slots", None)
         more = f"-c {need * slots} with --parallel {slots}" if slots else "a larger -c"

@@ -23,7 +23,7 @@ import time
 from collections import deque
 from typing import Protocol
 
-from vlmtag.errors import InferenceError, ServerGoneError, SetupError
+from vlmtag.errors import InferenceError, ModelChanged, ServerGoneError, SetupError
 from vlmtag.models.base import Backend
 from vlmtag.redact import without_credentials
 from vlmtag.run.dispatcher import Dispatcher, Work
@@ -33,6 +33,8 @@ from vlmtag.types import Reply, Request
 
 PROBE_FIRST_DELAY = 1.0  # first wait before asking an away server again (doubles)
 PROBE_MAX_DELAY = 15.0
+VERIFY_GAP = 1.0  # answers retried within this long of a check share it
+PROBE_CHECK_TIMEOUT = 10.0  # one "is it back?" check, at most
 WATCH_EVERY = 0.5  # how often the lane looks at how long its requests have waited
 SUSPECT_FACTOR = 4.0  # a request waiting this many times the p95 answer time is suspect
 SUSPECT_FLOOR = 3.0  # ... but never one younger than this
@@ -79,6 +81,8 @@ class Lane:
         self._next_check = 0.0
         self._check_gap = 0.0
         self._silent = 0
+        self._verifying = asyncio.Lock()
+        self._verified_at = 0.0
 
     @property
     def in_flight(self) -> set[asyncio.Task]:
@@ -123,6 +127,9 @@ class Lane:
                 sink.lost(self, batch)
                 return
             elapsed = time.perf_counter() - started
+            if any(_retried(r) for r in replies) and await self._model_changed(sink):
+                sink.lost(self, batch)  # answered by other weights: not stored, handed on
+                return
             gone = [w for w, r in zip(batch, replies, strict=True) if _gone(r)]
             if gone:
                 self._away(next(r for r in replies if _gone(r)), sink)
@@ -257,22 +264,56 @@ class Lane:
             self._probe = asyncio.create_task(self._wait_back(exc, sink))
 
     async def _wait_back(self, exc: BaseException, sink: LaneSink) -> None:
-        """Ask the server again with backoff; back when it answers, else retired."""
+        """Ask the server again with backoff; back when it answers, else retired. Each check
+        ends by the deadline (a server that takes connections and never answers would hold a
+        check for its whole timeout); one that answers with another model retires the lane:
+        its answers would be stored under the name of the one the run began with."""
         deadline = time.monotonic() + self.server_wait
         delay = PROBE_FIRST_DELAY
         while time.monotonic() < deadline:
             await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, PROBE_MAX_DELAY)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                await self.backend.start()
+                async with asyncio.timeout(min(left, PROBE_CHECK_TIMEOUT)):
+                    await self.backend.start()
             except asyncio.CancelledError:
                 raise
+            except ModelChanged as changed:
+                self.retire(self._why(changed))
+                sink.retired(self)
+                return
             except Exception:  # noqa: BLE001 - still away: every failure of the check says so
                 continue
             self.up.set()
             return
         self.retire(f"{self._why(exc)}; it did not come back within {self.server_wait:g} s")
         sink.retired(self)
+
+    async def _model_changed(self, sink: LaneSink) -> bool:
+        """After an answer that needed a retry (the server may have been restarted in
+        between, with other weights): check the server again, once for all the answers of
+        that moment. True, and the lane retired, if it now serves another model."""
+        if not hasattr(self.backend, "reachable"):
+            return False
+        async with self._verifying:
+            if self.retired:
+                return True
+            if time.monotonic() - self._verified_at < VERIFY_GAP:
+                return False
+            try:
+                async with asyncio.timeout(PROBE_CHECK_TIMEOUT):
+                    await self.backend.start()
+            except ModelChanged as changed:
+                self.retire(self._why(changed))
+                sink.retired(self)
+                return True
+            except Exception:  # noqa: BLE001 - a check that fails proves no change
+                return False
+            self._verified_at = time.monotonic()
+            return False
 
     def _why(self, exc: BaseException) -> str:
         """The reason, without the server's name in front (messages name the lane)."""
@@ -295,6 +336,11 @@ class Lane:
 
 def _gone(reply: object) -> bool:
     return isinstance(reply, ServerGoneError)
+
+
+def _retried(reply: object) -> bool:
+    """An answer that came only after a retry."""
+    return isinstance(reply, Reply) and reply.timings.get("attempts", 1.0) > 1.0
 
 
 def _first_try(reply: object) -> bool:
