@@ -21,6 +21,7 @@ from typing import Any
 from vlmtag.models.base import Backend
 from vlmtag.models.server import reported_number
 from vlmtag.redact import without_credentials
+from vlmtag.run.limiter import AUTO_MAX
 from vlmtag.types import PreparedImage, Request
 
 MAX_PROBE = 32  # most requests sent at once while measuring
@@ -162,6 +163,12 @@ async def examine(backend: Backend, request: Request, *, measure_parallel: bool 
                 break
             report.parallel = n
             n *= 2
+        slots = report.slots
+        if slots and 1 < slots <= MAX_PROBE and slots not in report.throughput:
+            # The server says how many it runs: measure there too, not only at powers of 2.
+            report.throughput[slots] = round(await measure(backend, request, images, slots), 3)
+            if report.throughput[slots] > report.throughput[report.parallel]:
+                report.parallel = slots
     report.gpu = await ollama_gpu(backend)
     report.advice = advise(report)
     return report
@@ -211,9 +218,10 @@ def advise(report: Report) -> list[str]:
             "(qwen2.5vl can run in parallel; qwen3-vl runs one at a time in Ollama)"
         )
     elif report.slots:
+        sent = min(report.slots, AUTO_MAX)
         advice.append(
             f"the server runs {report.slots} requests at once (its slots): --workers auto"
-            " sends that many"
+            f" sends {sent}"
         )
     else:
         advice.append(f"the server ran {parallel} requests at once: --workers auto finds this")

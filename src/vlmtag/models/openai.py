@@ -155,20 +155,8 @@ class OpenAIBackend(ServerBackend):
     async def _check_chat_endpoint(self) -> None:
         """A server without /models: is there a chat completions endpoint at all? A plain
         web server (404/405/501) is no model server: said before any image is sent."""
-        payload = {
-            "model": self.model or "x",
-            "messages": [{"role": "user", "content": "OK"}],
-            "max_tokens": 1,
-        }
         try:
-            await post_json(
-                self._client(),
-                "/chat/completions",
-                payload,
-                timeout=min(self.options.timeout, START_TIMEOUT),
-                policy=RetryPolicy(retries=0),
-                label=self.label,
-            )
+            await self._say_ok(self.model or "x")
         except HTTPStatusError as exc:
             if exc.status in (404, 405, 501):
                 raise SetupError(
@@ -177,6 +165,22 @@ class OpenAIBackend(ServerBackend):
                 ) from None
         except InferenceError:
             return  # busy or slow is not "no server": the run will tell
+
+    async def _say_ok(self, model: str) -> None:
+        """A one-token text request, sent once: what a start-up check asks of the server."""
+        payload = {
+            "model": model,
+            "messages": [{"role": "user", "content": "Say OK."}],
+            "max_tokens": 1,
+        }
+        await post_json(
+            self._client(),
+            "/chat/completions",
+            payload,
+            timeout=min(self.options.timeout, START_TIMEOUT),
+            policy=RetryPolicy(retries=0),
+            label=self.label,
+        )
 
     @property
     def root_url(self) -> str:
@@ -261,23 +265,10 @@ class OpenAIBackend(ServerBackend):
         raise SetupError(f"{problem}; available: {shown}. Pass one with --model")
 
     async def _answers_to_any_name(self) -> bool:
-        """A one-token text request: does the server take our model name although its list
-        shows another? vLLM answers 404, llama-server answers."""
-        payload = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": "Say OK."}],
-            "max_tokens": 1,
-        }
-        probe = RetryPolicy(retries=0)
+        """Does the server take our model name although its list shows another? vLLM
+        answers 404, llama-server answers."""
         try:
-            await post_json(
-                self._client(),
-                "/chat/completions",
-                payload,
-                timeout=min(self.options.timeout, START_TIMEOUT),
-                policy=probe,
-                label=self.label,
-            )
+            await self._say_ok(self.model)
         except HTTPStatusError as exc:
             return exc.status != 404
         except InferenceError:
