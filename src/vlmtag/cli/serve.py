@@ -50,6 +50,7 @@ def serve(
     access = None if local else (token or secrets.token_urlsafe(18))
     guard = Guard(port=port, host=host, read_only=read_only, access_token=access)
     _checked(path).close()
+    _check_port(host, port)
     app = create_app(path, guard, default_folder(path))
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown if not local else '127.0.0.1'}:{port}/"
@@ -73,3 +74,19 @@ def _checked(path: str):
     from vlmtag.api import Library
 
     return Library.open(path)
+
+
+def _check_port(host: str, port: int) -> None:
+    """One line, before anything starts, when the address cannot be listened on."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            in_use = exc.errno == errno.EADDRINUSE
+            why = "is in use" if in_use else f"cannot be used ({exc.strerror})"
+            fail(f"{host}:{port} {why}; pass another --port (or stop what listens there)")
