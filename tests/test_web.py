@@ -400,3 +400,25 @@ def test_results_of_a_running_tag_appear_without_a_restart(served, tmp_path):
         out = vlmtag("tag", str(more), "--api-base", server.url, db=db)
         assert out.returncode == 0, out.stderr
     assert total() == before + 5
+
+
+def test_serve_says_in_one_line_what_stops_it(library, tmp_path):
+    expected, db, pics = library
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        port = taken.getsockname()[1]
+        busy = subprocess.run(
+            [sys.executable, "-m", "vlmtag", "serve", "--db", str(db), "--port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert busy.returncode == 2 and busy.stderr.count("\n") == 1, busy.stderr
+    assert "in use" in busy.stderr and "--port" in busy.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "vlmtag", "serve", "--db", str(tmp_path / "none.db")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert missing.returncode == 2 and "vlmtag tag" in missing.stderr, missing.stderr
