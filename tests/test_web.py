@@ -422,3 +422,14 @@ def test_serve_says_in_one_line_what_stops_it(library, tmp_path):
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert missing.returncode == 2 and "vlmtag tag" in missing.stderr, missing.stderr
+
+
+def test_thumbs_makes_what_is_missing_once(db_copy):
+    expected, db, pics = db_copy
+    out = vlmtag("thumbs", db=db)
+    assert out.returncode == 0, out.stderr
+    assert "made 180, could not read 0" in out.stdout  # 90 pictures, two sizes each
+    made = {p.stem for p in Path(str(db) + "-thumbs").rglob("*.jpg")}
+    assert len(made) == 90
+    again = vlmtag("thumbs", db=db)
+    assert "made 0" in again.stdout

@@ -45,7 +45,7 @@ COMMAND_MODULES: list[tuple[str, list[str]]] = [
     ("vlmtag.cli.read", ["show", "failures"]),
     ("vlmtag.cli.find", ["search", "tags", "describe"]),
     ("vlmtag.cli.export", ["export"]),
-    ("vlmtag.cli.serve", ["serve"]),
+    ("vlmtag.cli.serve", ["serve", "thumbs"]),
 ]
 
 

@@ -69,6 +69,32 @@ def serve(
     uvicorn.Server(config).run()
 
 
+@click.command()
+@db_option
+@friendly_errors
+def thumbs(db: str | None) -> None:
+    """Make the web app's thumbnails of every picture now, not as each is first shown.
+
+    They are kept beside the database (DB-thumbs/), one per picture's content and size;
+    run it again after tagging more: only the missing ones are made.
+    """
+    try:
+        from vlmtag.web.thumbs import default_folder, warm
+    except ImportError as exc:
+        fail(
+            f"thumbnails need the extra serve ({exc.name} is missing): pip install 'vlmtag[serve]'"
+        )
+    from tqdm import tqdm
+
+    from vlmtag.library.db import default_db_path
+
+    path = db or default_db_path()
+    _checked(path).close()
+    with tqdm(unit="img", desc="thumbnails", leave=False) as bar:
+        made, failed = warm(path, default_folder(path), on_done=bar.update)
+    click.echo(f"thumbnails: made {made}, could not read {failed} ({default_folder(path)})")
+
+
 def _checked(path: str):
     """Open the database once, so a missing or broken one is one line before the server starts."""
     from vlmtag.api import Library

@@ -64,3 +64,36 @@ def make(source: str, target: Path, side: int) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
+
+
+def warm(db_path: str, folder: Path, *, threads: int = THREADS, on_done=None) -> tuple[int, int]:
+    """Make every missing thumbnail of the library (`vlmtag thumbs`): (made, failed).
+    on_done(n) is told after each picture."""
+    from concurrent.futures import as_completed
+
+    from vlmtag.api import Library
+    from vlmtag.errors import ImageError
+
+    with Library.open(db_path) as library:
+        conn = library.store.conn
+        rows = conn.execute(
+            "SELECT content_id, min(path) FROM files WHERE present = 1 GROUP BY content_id"
+        ).fetchall()
+    made = failed = 0
+    jobs = []
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="vlmtag-thumb") as pool:
+        for content_id, stored in rows:
+            path = os.fsdecode(stored) if isinstance(stored, bytes) else stored
+            for size, side in SIZES.items():
+                target = folder / size / content_id[:2] / f"{content_id}.jpg"
+                if not target.is_file():
+                    jobs.append(pool.submit(make, path, target, side))
+        for job in as_completed(jobs):
+            try:
+                job.result()
+                made += 1
+            except (ImageError, OSError):
+                failed += 1
+            if on_done is not None:
+                on_done(1)
+    return made, failed
