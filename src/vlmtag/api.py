@@ -212,34 +212,14 @@ class Library:
         limit: int = 60,
     ) -> browse.Page:
         """A page of images for a person to look through (the web app's grid): all of them,
-        or what `query` finds (best first), narrowed by filters; `after` is the cursor of
-        the page before."""
-        filters = filters or browse.Filters()
-        if query and query.strip():
-            hits = search.search(
-                self.store, query, language=filters.language, model=filters.model,
-                path_prefix=filters.folder,
-            )  # fmt: skip
-            found = browse.matching(
-                self.store.conn, [h.path for h in hits], filters, after=after, limit=limit
-            )
-            found.total = len(hits) if not filters.tags and not filters.unreviewed else None
-            return found
+        or what `query` finds (`vlmtag search`'s language), narrowed by filters, in `sort`
+        order; `after` is the cursor of the page before."""
+        filters = _with_query(filters or browse.Filters(), query)
         return browse.page(self.store.conn, filters, sort=sort, after=after, limit=limit)
 
     def count(self, filters: browse.Filters | None = None, *, query: str | None = None) -> int:
         """How many files a grid of these filters (and query) holds."""
-        filters = filters or browse.Filters()
-        if query and query.strip():
-            found = self.browse(filters, query=query, limit=browse.PAGE_MAX)
-            if found.total is not None:
-                return found.total
-            hits = search.search(
-                self.store, query, language=filters.language, model=filters.model,
-                path_prefix=filters.folder,
-            )  # fmt: skip
-            return browse.count_of(self.store.conn, [h.path for h in hits], filters)
-        return browse.count(self.store.conn, filters)
+        return browse.count(self.store.conn, _with_query(filters or browse.Filters(), query))
 
     def content(self, content_id: str) -> ImageRecord | None:
         """Everything stored for one picture, by its content id (None if unknown): what the
@@ -483,6 +463,12 @@ class _Identity:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _with_query(filters: browse.Filters, query: str | None) -> browse.Filters:
+    if not query or not query.strip():
+        return filters
+    return replace(filters, match=search.compile_query(query))
 
 
 def _language(language: str | None) -> str | None:

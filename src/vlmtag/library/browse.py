@@ -2,8 +2,8 @@
 
 A page is asked for with the last item of the page before (`after`, an opaque cursor), never
 an offset, so page 1,000 of 100,000 images costs what page 1 costs. Each file is one tile,
-with the keyword set every reader chooses (current.Selection). A search query narrows the
-images by the full-text index first; its best-first order pages by position.
+with the keyword set every reader chooses (current.Selection). A search query is one more
+filter (the full-text index's matches), so a search pages like the grid, in its order.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmtag.errors import UsageError
 from vlmtag.library.current import Keyword, Selection, keywords_of
 from vlmtag.library.paths import from_db, to_db, under_clause
 from vlmtag.text import keyword_key
@@ -32,6 +33,7 @@ class Filters:
     model: str | None = None
     language: str | None = None
     unreviewed: bool = False  # model keywords nobody decided anything about
+    match: str | None = None  # a full-text query, compiled (library.search.compile_query)
 
 
 @dataclass(slots=True)
@@ -92,6 +94,10 @@ def _where(filters: Filters) -> tuple[str, dict[str, Any]]:
         clauses.append(
             f"EXISTS (SELECT 1 FROM set_keywords k WHERE k.set_id = s.id AND k.key = :tag{n})"
         )
+    if filters.match:
+        # The full-text index's rows are the keyword sets: the grid keeps its own order.
+        params["match"] = filters.match
+        clauses.append("s.id IN (SELECT rowid FROM search_index WHERE search_index MATCH :match)")
     if filters.unreviewed:
         clauses.append(
             "s.annotation_id IS NOT NULL AND NOT EXISTS "
@@ -133,7 +139,7 @@ def page(
         f"SELECT {_COLUMNS} FROM {tables} LEFT JOIN images i ON i.content_id = f.content_id "
         f"WHERE {where} {seek} ORDER BY {order} LIMIT :limit"
     )
-    rows = conn.execute(sql, {**params, "limit": limit + 1}).fetchall()
+    rows = _run(conn, sql, {**params, "limit": limit + 1}).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
     tiles = _tiles(conn, rows)
@@ -170,59 +176,16 @@ def count(conn: sqlite3.Connection, filters: Filters = Filters()) -> int:
             "SELECT count(*) FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
             f"WHERE {where}"
         )
-    return conn.execute(sql, params).fetchone()[0]
+    return _run(conn, sql, params).fetchone()[0]
 
 
-def count_of(conn: sqlite3.Connection, paths: list[str], filters: Filters = Filters()) -> int:
-    """How many of these files the filters keep."""
-    where, params = _where(filters)
-    kept = 0
-    for start in range(0, len(paths), 500):
-        chunk = paths[start : start + 500]
-        marks = ",".join(f":p{n}" for n in range(len(chunk)))
-        kept += conn.execute(
-            "SELECT count(*) FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
-            f"WHERE {where} AND f.path IN ({marks})",
-            {**params, **{f"p{n}": to_db(p) for n, p in enumerate(chunk)}},
-        ).fetchone()[0]
-    return kept
-
-
-def matching(
-    conn: sqlite3.Connection,
-    paths: list[str],
-    filters: Filters = Filters(),
-    *,
-    after: str | None = None,
-    limit: int = 60,
-) -> Page:
-    """A page of the files a search found (best first), with the filters on top."""
-    values = decode_cursor(after)
-    start = values[0] if values and isinstance(values[0], int) else 0
-    where, params = _where(filters)
-    tiles: list[Tile] = []
-    position = start
-    chunk = max(limit, 100)
-    while len(tiles) < limit and position < len(paths):
-        wanted = paths[position : position + chunk]
-        marks = ",".join(f":p{n}" for n in range(len(wanted)))
-        found = conn.execute(
-            f"SELECT {_COLUMNS} FROM files f JOIN keyword_sets s ON s.content_id = f.content_id "
-            f"LEFT JOIN images i ON i.content_id = f.content_id WHERE {where} AND f.path IN "
-            f"({marks})",
-            {**params, **{f"p{n}": to_db(p) for n, p in enumerate(wanted)}},
-        ).fetchall()
-        by_path = {from_db(r[0]): r for r in found}
-        for offset, path in enumerate(wanted):
-            if path in by_path:
-                tiles.extend(_tiles(conn, [by_path[path]]))
-                if len(tiles) == limit:
-                    position += offset + 1
-                    break
-        else:
-            position += len(wanted)
-    more = position < len(paths)
-    return Page(tiles, encode_cursor([position]) if more else None, None)
+def _run(conn: sqlite3.Connection, sql: str, params: dict[str, Any]) -> sqlite3.Cursor:
+    try:
+        return conn.execute(sql, params)
+    except sqlite3.OperationalError as exc:
+        if "match" in params:  # compile_query quotes every term: a case it did not foresee
+            raise UsageError(f"cannot search for that ({exc}); try plain words") from None
+        raise
 
 
 def _tiles(conn: sqlite3.Connection, rows: list[tuple]) -> list[Tile]:
