@@ -92,15 +92,16 @@ async function loadCount(generation) {
 }
 
 function dropFar() {
-  // Far pages leave the page (never one giant container); their place is kept by height.
+  // Far pages leave the page (never one giant container of images); their place is kept.
   const grid = $("grid");
   const nodes = grid.querySelectorAll(".tile:not(.gone)");
   if (nodes.length <= MAX_TILES) return;
   for (const node of Array.from(nodes).slice(0, nodes.length - MAX_TILES)) {
+    // Emptied but as tall as it was: what is on screen does not move.
+    node.style.height = `${node.offsetHeight}px`;
+    node.style.visibility = "hidden";
     node.classList.add("gone");
     node.replaceChildren();
-    node.style.height = "0";
-    node.style.border = "0";
   }
 }
 
