@@ -433,3 +433,32 @@ def test_thumbs_makes_what_is_missing_once(db_copy):
     assert len(made) == 90
     again = vlmtag("thumbs", db=db)
     assert "made 0" in again.stdout
+
+
+def test_export_from_the_page_is_vlmtag_exports_own(db_copy, tmp_path):
+    expected, db, pics = db_copy
+    (path, fingerprint), (other, _) = list(expected.items())[:2]
+    with client(db, tmp_path) as web:
+        token = {"x-vlmtag-token": token_of(web.get("/").text)}
+        tiles = {t["path"]: t for t in all_tiles(web)}
+        ids = [tiles[path]["id"], tiles[other]["id"]]
+        web.post("/api/decide", headers=token,
+                 json={"ids": ids[:1], "action": "reject", "keywords": [fingerprint]})  # fmt: skip
+        web.post("/api/decide", headers=token,
+                 json={"ids": ids[:1], "action": "add", "keywords": ["Grace Hopper"]})  # fmt: skip
+        chosen = web.post("/api/export", headers=token, json={"format": "jsonl", "ids": ids})
+        assert chosen.status_code == 200 and "attachment" in chosen.headers["content-disposition"]
+        rows = {r["path"]: r for r in map(json.loads, chosen.text.splitlines())}
+        assert set(rows) == {path, other}
+        assert fingerprint not in rows[path]["tags"] and "Grace Hopper" in rows[path]["tags"]
+        filtered = web.post("/api/export?tag=Grace%20Hopper", headers=token, json={"format": "csv"})
+        assert filtered.text.count("\n") == 2 and path in filtered.text  # header + one row
+        sidecars = web.post("/api/export", headers=token, json={"format": "xmp", "ids": ids[:1]})
+        assert sidecars.json()["written"] == {"created": 1}, sidecars.text
+        assert web.post("/api/export", headers=token, json={"format": "exe"}).status_code == 400
+    xmp = Path(path + ".xmp").read_text()
+    assert "<rdf:li>Grace Hopper</rdf:li>" in xmp and f"<rdf:li>{fingerprint}</rdf:li>" not in xmp
+    # the page's view and the CLI's export agree
+    cli_rows = map(json.loads, vlmtag("export", "--format", "jsonl", db=db).stdout.splitlines())
+    assert next(r for r in cli_rows if r["path"] == path)["tags"] == rows[path]["tags"]
+    Path(path + ".xmp").unlink()  # the pictures are the module's

@@ -360,12 +360,16 @@ class Library:
         language: str | None = None,
         model: str | None = None,
         min_confidence: float | None = None,
+        only: set[str] | None = None,
     ) -> int:
-        """Write every image (under folder) as jsonl, json or csv to out; returns how many."""
+        """Write every image (under folder; of the contents `only` names, if given) as jsonl,
+        json or csv to out; returns how many."""
         writer = formats.make(fmt)
         if writer.per_image:
             raise UsageError(f"--format {fmt} writes a file per image; use export_files")
         views = self.images(language=language, model=model, folder=_existing(folder))
+        if only is not None:
+            views = (v for v in views if v.content_id in only)
         records = (record(v, min_confidence) for v in views)
         return writer.write(records, out or sys.stdout)
 
@@ -380,9 +384,11 @@ class Library:
         min_confidence: float | None = None,
         skip_existing: bool = False,
         dry_run: bool = False,
+        only: set[str] | None = None,
         **format_options: Any,
     ) -> Iterator[Outcome]:
-        """A caption or sidecar per image, beside it or in a mirror tree under out_dir."""
+        """A caption or sidecar per image (of the contents `only` names, if given), beside
+        it or in a mirror tree under out_dir."""
         kind = formats.make(fmt, min_confidence=min_confidence, **format_options)
         if not kind.per_image:
             raise UsageError(f"--format {fmt} writes one stream; use export_stream")
@@ -405,6 +411,8 @@ class Library:
                     ) from None
         placement = Placement(out_dir, root, create=not dry_run)
         views = self.images(language=language, model=model, folder=folder)
+        if only is not None:
+            views = (v for v in views if v.content_id in only)
         return export_files(views, kind, placement, skip_existing=skip_existing, dry_run=dry_run)
 
     def embed(

@@ -9,6 +9,7 @@ database holds for it: never from a path a browser sends.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +36,8 @@ HERE = Path(__file__).parent
 MAX_BODY = 1_000_000  # a decision is a few hundred bytes; a selection of 10,000 ids ~700 KB
 MAX_SELECTION = 10_000
 CLOUD_SIZE = 40
+STREAM_FORMATS = ("csv", "json", "jsonl")
+EXPORT_FORMATS = (*STREAM_FORMATS, "xmp", "txt")
 
 
 class WebApp:
@@ -242,6 +245,48 @@ class WebApp:
         taken = self.library.undo_content(content_id, via="web")
         return JSONResponse({"undone": len(taken)})
 
+    async def export(self, request: Request) -> Response:
+        """The selection (ids), or every image of the grid's filters and query, exported
+        with `vlmtag export`'s own code: CSV/JSON/JSONL as a download; XMP sidecars and
+        .txt captions written beside the pictures, as `vlmtag export --format xmp` does."""
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        fmt = body.get("format")
+        if fmt not in EXPORT_FORMATS:
+            return JSONResponse(
+                {"error": f"format must be one of {', '.join(EXPORT_FORMATS)}"}, 400
+            )
+        ids = set(_ids(body.get("ids"))) or self.grid_ids(request)
+        if fmt in STREAM_FORMATS:
+            out = io.StringIO()
+            self.library.export_stream(fmt, out, only=ids)
+            name = f"vlmtag-export.{fmt}"
+            media = "text/csv" if fmt == "csv" else "application/json"
+            return Response(
+                out.getvalue(),
+                media_type=f"{media}; charset=utf-8",
+                headers={"content-disposition": f'attachment; filename="{name}"'},
+            )
+        counts: dict[str, int] = {}
+        for outcome in self.library.export_files(fmt, only=ids):
+            counts[outcome.action] = counts.get(outcome.action, 0) + 1
+        return JSONResponse({"written": counts})
+
+    def grid_ids(self, request: Request) -> set[str]:
+        """The content ids of every image the grid shows for the request's filters."""
+        q = request.query_params
+        ids: set[str] = set()
+        after = None
+        while True:
+            found = self.library.browse(
+                self.filters(request), query=q.get("q") or None, after=after, limit=200
+            )
+            ids.update(t.content_id for t in found.tiles)
+            after = found.after
+            if after is None:
+                return ids
+
     def close(self) -> None:
         self.thumbs.close()
         self.library.close()
@@ -339,6 +384,7 @@ def create_app(db_path: str, guard: Guard, thumbs_folder: Path) -> Starlette:
         Route("/api/decide", web.decide, methods=["POST"]),
         Route("/api/describe", web.describe, methods=["POST"]),
         Route("/api/undo", web.undo, methods=["POST"]),
+        Route("/api/export", web.export, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

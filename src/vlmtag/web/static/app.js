@@ -326,7 +326,35 @@ async function undo() {
   catch (error) { status(`${W.error}: ${error.message}`, true); }
 }
 
+// ---- export ------------------------------------------------------------------------------
+
+async function exportNow() {
+  const format = $("export-format").value;
+  const ids = Array.from(state.selected);
+  const response = await fetch("/api/export?" + apiQuery(null).toString(), {
+    method: "POST", credentials: "same-origin",
+    headers: { "content-type": "application/json", "x-vlmtag-token": config.token },
+    body: JSON.stringify({ format, ids }),
+  });
+  if (!response.ok) {
+    const answer = await response.json().catch(() => ({}));
+    $("export-status").textContent = `${W.error}: ${answer.error || response.statusText}`;
+    return;
+  }
+  if (["xmp", "txt"].includes(format)) {
+    const answer = await response.json();
+    const written = Object.entries(answer.written).map(([k, v]) => `${k} ${v}`).join(", ");
+    $("export-status").textContent = `${W.exported}: ${written || 0}`;
+    return;
+  }
+  const blob = await response.blob();
+  const link = el("a", { href: URL.createObjectURL(blob), download: `vlmtag-export.${format}` });
+  document.body.append(link); link.click(); link.remove();
+  $("export-status").textContent = W.exported;
+}
+
 // ---- wiring ------------------------------------------------------------------------------
+$("export").addEventListener("submit", (event) => { event.preventDefault(); exportNow(); });
 
 $("search").addEventListener("submit", (event) => { event.preventDefault(); setParam("q", $("q").value.trim()); });
 $("sort").addEventListener("change", () => setParam("sort", $("sort").value));
@@ -360,7 +388,7 @@ $("desc-form").addEventListener("submit", async (event) => {
     status(W.saved); await showDetails(targets()[0]);
   } catch (error) { status(`${W.error}: ${error.message}`, true); }
 });
-if (config.readOnly) for (const id of ["accept-all", "undo", "add-form", "desc-edit"]) $(id).hidden = true;
+if (config.readOnly) for (const id of ["accept-all", "undo", "add-form", "desc-edit", "export"]) $(id).hidden = true;
 window.addEventListener("popstate", reload);
 new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting)) loadMore(); },
   { rootMargin: "800px" }).observe($("sentinel"));
