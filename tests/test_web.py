@@ -462,3 +462,14 @@ def test_export_from_the_page_is_vlmtag_exports_own(db_copy, tmp_path):
     cli_rows = map(json.loads, vlmtag("export", "--format", "jsonl", db=db).stdout.splitlines())
     assert next(r for r in cli_rows if r["path"] == path)["tags"] == rows[path]["tags"]
     Path(path + ".xmp").unlink()  # the pictures are the module's
+
+
+def test_keyword_suggestions_start_with_what_is_typed_most_used_first(db_copy, tmp_path):
+    expected, db, pics = db_copy
+    with client(db, tmp_path) as web:
+        answer = web.get("/api/tags", params={"prefix": "fp-", "limit": 5}).json()
+        assert len(answer["tags"]) == 5 and all(t["text"].startswith("fp-") for t in answer["tags"])
+        counts = [t["count"] for t in web.get("/api/tags", params={"prefix": "b"}).json()["tags"]]
+        assert counts == sorted(counts, reverse=True) and counts
+        assert web.get("/api/tags", params={"prefix": "zzzz"}).json()["tags"] == []
+        assert web.get("/api/tags", params={"limit": "x"}).status_code == 200

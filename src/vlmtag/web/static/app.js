@@ -326,6 +326,22 @@ async function undo() {
   catch (error) { status(`${W.error}: ${error.message}`, true); }
 }
 
+// ---- keyword autocomplete: the library's keywords that start so, most used first -------
+
+let suggestTimer = null;
+function suggestFor(input) {
+  clearTimeout(suggestTimer);
+  suggestTimer = setTimeout(async () => {
+    const prefix = input.value.trim();
+    if (!prefix) return;
+    const response = await fetch(`/api/tags?limit=20&prefix=${encodeURIComponent(prefix)}`);
+    if (!response.ok) return;
+    const answer = await response.json();
+    $("suggest").replaceChildren(...answer.tags.map((t) => el("option", { value: t.text })));
+  }, 120);
+}
+for (const id of ["add-input", "bulk-input"]) $(id).addEventListener("input", (e) => suggestFor(e.target));
+
 // ---- export ------------------------------------------------------------------------------
 
 async function exportNow() {
