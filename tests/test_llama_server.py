@@ -243,19 +243,26 @@ def test_a_server_stopped_mid_run_is_noticed_in_seconds(tmp_path):
     assert_each_answer_is_its_own(db, pics)
 
 
-def test_a_killed_server_that_comes_back_loses_nothing(tmp_path):
-    pics = photos(tmp_path / "pics", 120)
-    db = tmp_path / "v.db"
+def killed_mid_run(folder: Path, db: Path, *, then: str, tagged: int, pause: float = 0.0):
+    """`vlmtag tag` against the crafted model, killed (-9) once `tagged` images are stored
+    and started again on the same port with the `then` model; the run's process and output."""
     server = LlamaServer("crafted", parallel=4).start()
     try:
-        run = start_tag(tmp_path / "pics", server.url, db, "--server-wait", "60")
-        wait_tagged(db, 15)
+        run = start_tag(folder, server.url, db, "--server-wait", "60")
+        wait_tagged(db, tagged)
         server.kill()
-        time.sleep(2)
-        server = LlamaServer("crafted", parallel=4, port=server.port).start()
+        time.sleep(pause)
+        server = LlamaServer(then, parallel=4, port=server.port).start()
         stdout, stderr = run.communicate(timeout=180)
     finally:
         server.stop()
+    return run, stdout, stderr
+
+
+def test_a_killed_server_that_comes_back_loses_nothing(tmp_path):
+    pics = photos(tmp_path / "pics", 120)
+    db = tmp_path / "v.db"
+    run, stdout, stderr = killed_mid_run(tmp_path / "pics", db, then="crafted", tagged=15, pause=2)
     assert run.returncode == 0, json.loads(stdout)["failures"][:3]
     summary = json.loads(stdout)
     assert (summary["tagged"], summary["failed"]) == (120, 0), summary
@@ -286,15 +293,7 @@ def test_a_server_that_comes_back_with_other_weights_is_not_believed(tmp_path):
     first model's name. The lane retires; nothing of the new model is stored."""
     photos(tmp_path / "pics", 120)
     db = tmp_path / "v.db"
-    server = LlamaServer("crafted", parallel=4).start()
-    try:
-        run = start_tag(tmp_path / "pics", server.url, db, "--server-wait", "60")
-        wait_tagged(db, 10)
-        server.kill()
-        server = LlamaServer("random", parallel=4, port=server.port).start()
-        stdout, stderr = run.communicate(timeout=180)
-    finally:
-        server.stop()
+    run, stdout, stderr = killed_mid_run(tmp_path / "pics", db, then="random", tagged=10)
     assert run.returncode == 1, stderr
     summary = json.loads(stdout)
     assert summary["balanced"] and "another model" in (summary["stopped_reason"] or ""), summary

@@ -277,8 +277,7 @@ class Lane:
             if left <= 0:
                 break
             try:
-                async with asyncio.timeout(min(left, PROBE_CHECK_TIMEOUT)):
-                    await self.backend.start()
+                await self._check_again(left)
             except asyncio.CancelledError:
                 raise
             except ModelChanged as changed:
@@ -292,6 +291,11 @@ class Lane:
         self.retire(f"{self._why(exc)}; it did not come back within {self.server_wait:g} s")
         sink.retired(self)
 
+    async def _check_again(self, within: float = PROBE_CHECK_TIMEOUT) -> None:
+        """The backend's start-up check once more, ended after `within` seconds at most."""
+        async with asyncio.timeout(min(within, PROBE_CHECK_TIMEOUT)):
+            await self.backend.start()
+
     async def _model_changed(self, sink: LaneSink) -> bool:
         """After an answer that needed a retry (the server may have been restarted in
         between, with other weights): check the server again, once for all the answers of
@@ -304,8 +308,7 @@ class Lane:
             if time.monotonic() - self._verified_at < VERIFY_GAP:
                 return False
             try:
-                async with asyncio.timeout(PROBE_CHECK_TIMEOUT):
-                    await self.backend.start()
+                await self._check_again()
             except ModelChanged as changed:
                 self.retire(self._why(changed))
                 sink.retired(self)
