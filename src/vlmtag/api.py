@@ -23,7 +23,14 @@ from typing import Any, TextIO
 from vlmtag.config import Settings
 from vlmtag.errors import UsageError
 from vlmtag.library import browse, current, decisions, search, vocab
-from vlmtag.library.current import ALL_LANGUAGES, Decision, ImageView, KeywordCount, Selection
+from vlmtag.library.current import (
+    ALL_LANGUAGES,
+    Decision,
+    ImageView,
+    Keyword,
+    KeywordCount,
+    Selection,
+)
 from vlmtag.library.db import Store, default_db_path
 from vlmtag.library.rows import FileSeen
 from vlmtag.output import formats
@@ -195,6 +202,14 @@ class Library:
         selection = self.selection(language=language, model=model)
         return current.keyword_counts(self.store.conn, selection, limit=limit)
 
+    def chosen_keywords(self, content_ids: list[str]) -> dict[str, list[Keyword]]:
+        """Each picture's current keywords (the set every reader shows), by content id."""
+        return current.chosen_keywords(self.store.conn, content_ids)
+
+    def keywords_held(self, content_ids: list[str]) -> list[tuple[str, str, int]]:
+        """(key, keyword, on how many of them) over these pictures' current keywords."""
+        return current.keywords_held(self.store.conn, content_ids)
+
     def known_languages(self) -> list[str]:
         """The languages images have keywords in."""
         return current.known(self.store.conn, "language")
@@ -210,11 +225,19 @@ class Library:
         sort: str = "path",
         after: str | None = None,
         limit: int = 60,
+        semantic: bool = False,
     ) -> browse.Page:
         """A page of images for a person to look through (the web app's grid): all of them,
         or what `query` finds (`vlmtag search`'s language), narrowed by filters, in `sort`
-        order; `after` is the cursor of the page before."""
-        filters = _with_query(filters or browse.Filters(), query)
+        order; `after` is the cursor of the page before. With `semantic`, the query is
+        ranked by meaning (extra: semantic), best first, and `sort` does not apply."""
+        filters = _in_folder(filters or browse.Filters())
+        if semantic and query and query.strip() and filters.show == "tagged":
+            ranked = self.search_meaning(
+                query, model=filters.model, folder=filters.folder, limit=browse.RANKED_MAX
+            )
+            return browse.ranked_page(self.store.conn, ranked, filters, after=after, limit=limit)
+        filters = _with_query(filters, query)
         return browse.page(self.store.conn, filters, sort=sort, after=after, limit=limit)
 
     def count(self, filters: browse.Filters | None = None, *, query: str | None = None) -> int:
@@ -247,9 +270,14 @@ class Library:
             author=decisions.default_author(via),
         )  # fmt: skip
 
-    def undo_content(self, content_id: str | None = None, *, via: str) -> list[Decision]:
-        return decisions.undo(
-            self.store, content_id=content_id, count=1, author=decisions.default_author(via)
+    def undo_content(
+        self, content_id: str | None = None, *, via: str
+    ) -> list[tuple[str, Decision]]:
+        """Take back the last action (on one picture, if given): every decision it made,
+        so one press undoes a keyword added to 500 selected pictures; again, the one before.
+        Returns (content id, decision) pairs."""
+        return decisions.undo_action(
+            self.store, content_id=content_id, author=decisions.default_author(via)
         )
 
     def failures(self) -> list[dict[str, Any]]:
@@ -474,9 +502,19 @@ class _Identity:
 
 
 def _with_query(filters: browse.Filters, query: str | None) -> browse.Filters:
+    filters = _in_folder(filters)
     if not query or not query.strip():
         return filters
     return replace(filters, match=search.compile_query(query))
+
+
+def _in_folder(filters: browse.Filters) -> browse.Filters:
+    """The folder filter as what is inside that folder (even one gone from disk since),
+    never its namesakes: /photos/set is not /photos/set1."""
+    if not filters.folder:
+        return filters
+    folder = os.path.abspath(os.path.expanduser(filters.folder))
+    return replace(filters, folder=folder.rstrip(os.sep) + os.sep)
 
 
 def _language(language: str | None) -> str | None:

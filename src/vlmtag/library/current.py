@@ -246,16 +246,22 @@ def refresh(
             index.delete_rows(conn, old)
             # Their set_keywords go too: ON DELETE CASCADE (connect() turns foreign keys on).
             conn.execute("DELETE FROM keyword_sets WHERE content_id = ?", (content_id,))
-        for s in compute_sets(conn, content_id, rules):
+        sets = compute_sets(conn, content_id, rules)
+        for s in sets:
             _store(conn, s)
+        tagged = int(bool(sets))  # what the untagged view's index reads (schema 6)
+        conn.execute(
+            "UPDATE files SET tagged = ? WHERE content_id = ? AND tagged != ?",
+            (tagged, content_id, tagged),
+        )
 
 
 def _store(conn: sqlite3.Connection, s: KeywordSet) -> None:
     texts = [k.text for k in s.keywords]
     cur = conn.execute(
         "INSERT INTO keyword_sets (content_id, language, backend, model, annotation_id, "
-        "created_at, newest_in_language, newest, description, described_by, text_hash) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        "created_at, newest_in_language, newest, description, described_by, text_hash, "
+        "keyword_count) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
         (
             s.content_id,
             s.language,
@@ -268,6 +274,7 @@ def _store(conn: sqlite3.Connection, s: KeywordSet) -> None:
             s.description,
             s.described_by,
             index.text_hash(texts, s.description),
+            len(texts),
         ),
     )
     s.id = int(cur.lastrowid)
@@ -287,6 +294,7 @@ def rebuild_all(conn: sqlite3.Connection) -> int:
     """Every keyword set from scratch (a migration, a repair); returns how many contents."""
     conn.execute("DELETE FROM keyword_sets")  # and, by cascade, set_keywords
     conn.execute("DELETE FROM search_index")
+    conn.execute("UPDATE files SET tagged = 0")  # refresh marks again what has sets
     contents = [
         r[0]
         for r in conn.execute(
@@ -479,6 +487,46 @@ def keyword_counts(
         key=lambda c: (-c.count, c.tag.casefold(), c.tag),
     )
     return counts if limit is None else counts[:limit]
+
+
+def chosen_keywords(
+    conn: sqlite3.Connection, content_ids: list[str], selection: Selection = Selection()
+) -> dict[str, list[Keyword]]:
+    """The chosen set's keywords of each content, by content id ([] for one with none)."""
+    if not content_ids:
+        return {}
+    chosen, params = selection.where("s")
+    names = {f"c{n}": c for n, c in enumerate(content_ids)}
+    listed = ", ".join(f":{name}" for name in names)
+    rows = conn.execute(
+        f"SELECT s.content_id, s.id FROM keyword_sets s WHERE s.content_id IN ({listed}) "
+        f"AND {chosen}",
+        {**params, **names},
+    ).fetchall()
+    keywords = keywords_of(conn, [r[1] for r in rows])
+    found = {c: [] for c in content_ids}
+    for content_id, set_id in rows:
+        found[content_id] = keywords.get(set_id, [])
+    return found
+
+
+def keywords_held(
+    conn: sqlite3.Connection, content_ids: list[str], selection: Selection = Selection()
+) -> list[tuple[str, str, int]]:
+    """(key, keyword, on how many of these contents) for the keywords of their chosen sets:
+    which a selection all has, and which only some of it."""
+    if not content_ids:
+        return []
+    chosen, params = selection.where("s")
+    names = {f"c{n}": c for n, c in enumerate(content_ids)}
+    listed = ", ".join(f":{name}" for name in names)
+    rows = conn.execute(
+        "SELECT k.key, min(k.keyword), count(DISTINCT s.content_id) FROM keyword_sets s "
+        f"JOIN set_keywords k ON k.set_id = s.id WHERE s.content_id IN ({listed}) AND {chosen} "
+        "GROUP BY k.key",
+        {**params, **names},
+    )
+    return [(r[0], r[1], r[2]) for r in rows]
 
 
 def known(conn: sqlite3.Connection, column: str) -> list[str]:

@@ -203,17 +203,22 @@ class Store:
             )
 
     def _migrate(self) -> None:
-        for number in range(self._version(), SCHEMA_VERSION):
-            with self.transaction():
-                # Another process may have migrated between our read and our write lock.
-                if self.conn.execute("PRAGMA user_version").fetchone()[0] > number:
-                    continue
+        """Every migration due, in one transaction: each one's SQL in order, then their
+        Python steps, which are today's code and so need today's schema whole."""
+        if self._version() >= SCHEMA_VERSION:
+            return
+        with self.transaction():
+            # Another process may have migrated between our read and our write lock.
+            start = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            due = range(start, SCHEMA_VERSION)
+            for number in due:
                 for statement in _statements(MIGRATIONS[number]):
                     self.conn.execute(statement)
+            for number in due:
                 if number + 1 in PYTHON_STEPS:
                     _python_step(self.conn, number + 1)
-                self.conn.execute(f"PRAGMA application_id = {APP_ID}")
-                self.conn.execute(f"PRAGMA user_version = {number + 1}")
+            self.conn.execute(f"PRAGMA application_id = {APP_ID}")
+            self.conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _close_abandoned_runs(self) -> None:
         """Runs left "running" whose process is gone (kill -9, a crash, a power cut) or could

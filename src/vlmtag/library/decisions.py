@@ -111,11 +111,12 @@ def describe(
         )
     contents = list(dict.fromkeys(content_ids))
     author = author or default_author()
+    stamp = now()  # one time for the whole call: undo_action takes it back as one
     with store.writing() as conn:
         conn.executemany(
             "INSERT INTO decisions (content_id, language, action, description, author, "
             "created_at) VALUES (?, ?, 'describe', ?, ?, ?)",
-            [(c, language, description, author, now()) for c in contents],
+            [(c, language, description, author, stamp) for c in contents],
         )
         current.refresh(conn, contents)
     return len(contents)
@@ -137,6 +138,42 @@ def undo(
         )
         current.refresh(conn, [c for c, _ in taken])
     return [d for _, d in taken]
+
+
+def undo_action(
+    store: Store, *, content_id: str | None = None, author: str | None = None
+) -> list[tuple[str, Decision]]:
+    """Take back the last action that still holds (of one image, if given): every decision
+    made with it, on every image (one call of decide_keywords or describe: one author, one
+    time). Called again, the action before it. Returns (content id, decision) pairs."""
+    author = author or default_author()
+    with store.writing() as conn:
+        newest = _last_effective(conn, content_id, 1)
+        if not newest:
+            return []
+        stamp, by = newest[0][1].created_at, newest[0][1].author
+        contents = [
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT content_id FROM decisions WHERE created_at = ? AND author = ? "
+                "AND action != 'undo'",
+                (stamp, by),
+            )
+        ]
+        taken = [
+            (c, d)
+            for c in contents
+            for d in current.effective(current.load_decisions(conn, c))
+            if d.follows is None and d.created_at == stamp and d.author == by
+        ]
+        undone_at = now()
+        conn.executemany(
+            "INSERT INTO decisions (content_id, language, action, undoes, author, created_at) "
+            "VALUES (?, ?, 'undo', ?, ?, ?)",
+            [(c, d.language, d.id, author, undone_at) for c, d in taken],
+        )
+        current.refresh(conn, [c for c, _ in taken])
+    return taken
 
 
 def history(store: Store, content_id: str) -> list[Decision]:

@@ -1,7 +1,8 @@
 """The schema: numbered migrations, each run once, in order, in one transaction.
 
 A migration is SQL; 4 also needs Python (people's keywords move out of the model's answers
-into decisions, and the current keyword sets are computed), which db.Store runs after its SQL.
+into decisions, and the current keyword sets are computed), which db.Store runs after the SQL
+of every migration due.
 Never edit a migration that has shipped: add the next one.
 """
 
@@ -186,7 +187,22 @@ MIGRATIONS: list[str] = [
     CREATE INDEX files_present_content ON files(content_id, path) WHERE present = 1;
     CREATE INDEX keyword_sets_newest_time ON keyword_sets(created_at, id) WHERE newest = 1;
     """,
+    # 6: the grid sorted by how many keywords an image has, without counting them per page;
+    # files marked once their content has keyword sets (library/current.py keeps the mark),
+    # so the few never tagged are found by an index, not by probing every file
+    """
+    ALTER TABLE keyword_sets ADD COLUMN keyword_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE keyword_sets SET keyword_count =
+        (SELECT count(*) FROM set_keywords k WHERE k.set_id = keyword_sets.id);
+    CREATE INDEX keyword_sets_newest_count ON keyword_sets(keyword_count, id) WHERE newest = 1;
+    ALTER TABLE files ADD COLUMN tagged INTEGER NOT NULL DEFAULT 0;
+    UPDATE files SET tagged = 1
+        WHERE content_id IN (SELECT content_id FROM keyword_sets WHERE newest = 1);
+    CREATE INDEX files_untagged ON files(path) WHERE present = 1 AND tagged = 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
-# Migrations whose SQL is followed by a Python step (db.Store runs it in the same transaction).
+# Migrations whose SQL is followed by a Python step. db.Store runs the steps after the SQL of
+# every due migration, in the same transaction: a step is today's code and writes today's
+# schema (a later migration must not take away what a step reads).
 PYTHON_STEPS = frozenset({4})

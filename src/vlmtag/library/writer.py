@@ -336,14 +336,16 @@ def _write(conn: sqlite3.Connection, row: Row, rules: RulesCache) -> None:
         ).fetchone()
         conn.execute(
             """
-            INSERT INTO files (path, content_id, size, mtime_ns, present, first_seen, last_seen)
-            VALUES (?, ?, ?, ?, 1, ?, ?)
+            INSERT INTO files (path, content_id, size, mtime_ns, present, first_seen, last_seen,
+                               tagged)
+            VALUES (?, ?, ?, ?, 1, ?, ?,
+                    EXISTS (SELECT 1 FROM keyword_sets WHERE content_id = ? AND newest = 1))
             ON CONFLICT (path) DO UPDATE SET content_id = excluded.content_id,
                 size = excluded.size, mtime_ns = excluded.mtime_ns, present = 1,
-                last_seen = excluded.last_seen,
+                last_seen = excluded.last_seen, tagged = excluded.tagged,
                 whole_file_id = whole_file_id AND content_id = excluded.content_id
             """,
-            (path, row.content_id, row.size, row.mtime_ns, stamp, stamp),
+            (path, row.content_id, row.size, row.mtime_ns, stamp, stamp, row.content_id),
         )
         moved = before is not None and before[0] != row.content_id
         if moved and decisions.carry_over(conn, before[0], row.content_id):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ from starlette.staticfiles import StaticFiles
 
 from vlmtag import __version__
 from vlmtag.api import Library
-from vlmtag.errors import ImageError, UsageError
+from vlmtag.errors import ImageError, SetupError, UsageError
 from vlmtag.ingest.files import open_regular
-from vlmtag.library.browse import Filters, Tile
+from vlmtag.library.browse import SHOWS, Filters, Tile
 from vlmtag.text import printable
 from vlmtag.web import i18n
+from vlmtag.web.cloud import KeywordCloud
 from vlmtag.web.guard import COOKIE, Guard, middleware
 from vlmtag.web.thumbs import CONTENT_ID, SIZES, Thumbnails
 
@@ -45,6 +46,7 @@ class WebApp:
         self.library = Library.open(db_path)
         self.guard = guard
         self.thumbs = thumbs
+        self.cloud = KeywordCloud(db_path, self.change_mark)
         self._cache: dict[tuple, Any] = {}
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -91,16 +93,26 @@ class WebApp:
     async def runs_page(self, request: Request) -> Response:
         return self.page(request, "runs.html", runs=[run_row(r) for r in self.library.runs(200)])
 
+    async def tags_page(self, request: Request) -> Response:
+        return self.page(request, "tags.html")
+
     # ---- the JSON API --------------------------------------------------------------------
 
     def filters(self, request: Request) -> Filters:
+        """The grid's filters from the URL; what cannot be read is left out, not refused
+        (a bookmark with a typo still opens)."""
         q = request.query_params
+        show = q.get("show", "tagged")
         return Filters(
             tags=tuple(t for t in q.getlist("tag") if t.strip())[:20],
             folder=q.get("folder") or None,
             model=q.get("model") or None,
             language=q.get("language") or None,
             unreviewed=q.get("review") == "1",
+            min_confidence=_percent(q.get("conf")),
+            since_ns=_day_ns(q.get("from")),
+            until_ns=_day_ns(q.get("to"), next_day=True),
+            show=show if show in SHOWS else "tagged",
         )
 
     async def images(self, request: Request) -> Response:
@@ -116,8 +128,9 @@ class WebApp:
                 sort=q.get("sort", "path"),
                 after=q.get("after") or None,
                 limit=limit,
+                semantic=q.get("semantic") == "1",
             )
-        except UsageError as exc:
+        except (UsageError, SetupError) as exc:
             return JSONResponse({"error": printable(str(exc))}, status_code=400)
         return JSONResponse(
             {"tiles": [tile_json(t) for t in found.tiles], "after": found.after,
@@ -129,6 +142,8 @@ class WebApp:
         until the database changes (another connection's commit, or ours)."""
         q = request.query_params.get("q") or None
         filters = self.filters(request)
+        if request.query_params.get("semantic") == "1" and q:
+            return JSONResponse({"total": None})  # a ranked page says its own
         try:
             total = self.cached(
                 ("count", request.url.query), lambda: self.library.count(filters, query=q)
@@ -137,12 +152,15 @@ class WebApp:
             return JSONResponse({"error": printable(str(exc))}, status_code=400)
         return JSONResponse({"total": total})
 
+    def change_mark(self) -> tuple[int, int]:
+        """What changes when the database does: another connection's commit, or ours."""
+        conn = self.library.store.conn
+        return conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes
+
     def cached(self, key: tuple, compute: Any) -> Any:
         """compute(), kept until the database changes (another connection's commit, or
         one of ours): counts over the whole library are read once per change."""
-        conn = self.library.store.conn
-        version = (conn.execute("PRAGMA data_version").fetchone()[0], conn.total_changes)
-        full = (*key, version)
+        full = (*key, self.change_mark())
         if full not in self._cache:
             if len(self._cache) > 200:
                 self._cache.clear()
@@ -172,7 +190,7 @@ class WebApp:
 
     async def tags(self, request: Request) -> Response:
         prefix = (request.query_params.get("prefix") or "").strip().lower()
-        counts = self.cached(("tags",), self.library.keyword_counts)
+        counts = self.cloud.counts()
         if prefix:
             counts = [c for c in counts if c.tag.lower().startswith(prefix)]
         try:
@@ -207,10 +225,14 @@ class WebApp:
         )
 
     async def decide(self, request: Request) -> Response:
+        """Add or reject keywords on the selection: `ids`, or with `all` every image of the
+        grid's filters and query (at most MAX_SELECTION)."""
         body = await read_json(request)
         if isinstance(body, Response):
             return body
-        ids = _ids(body.get("ids"))
+        ids = self.chosen_ids(request, body)
+        if isinstance(ids, Response):
+            return ids
         action, keywords = body.get("action"), body.get("keywords")
         if not ids or action not in ("add", "reject") or not _strings(keywords):
             return JSONResponse({"error": "ids, action and keywords are needed"}, 400)
@@ -218,6 +240,61 @@ class WebApp:
             changed = self.library.decide(ids, action, keywords, via="web")
         except UsageError as exc:
             return JSONResponse({"error": printable(str(exc))}, 400)
+        return JSONResponse({"changed": changed, "images": len(ids)})
+
+    def chosen_ids(self, request: Request, body: dict[str, Any]) -> list[str] | Response:
+        if body.get("all") is True:
+            try:
+                ids = self.grid_ids(request, at_most=MAX_SELECTION + 1)
+            except UsageError as exc:
+                return JSONResponse({"error": printable(str(exc))}, 400)
+            if len(ids) > MAX_SELECTION:
+                return JSONResponse(
+                    {"error": f"more than {MAX_SELECTION:,} images: narrow the search first"},
+                    400,
+                )
+            return sorted(ids)
+        return _ids(body.get("ids"))
+
+    async def selection(self, request: Request) -> Response:
+        """The keywords of a selection and on how many of its images each one is, so the
+        page can show which only some of them have."""
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        ids = self.chosen_ids(request, body)
+        if isinstance(ids, Response):
+            return ids
+        counts: dict[str, list[Any]] = {}
+        for n in range(0, len(ids), 500):
+            for key, text, held in self.library.keywords_held(ids[n : n + 500]):
+                entry = counts.setdefault(key, [text, 0])
+                entry[1] += held
+        shown = sorted(counts.values(), key=lambda e: (-e[1], e[0].casefold()))[:200]
+        return JSONResponse(
+            {"images": len(ids), "keywords": [{"text": t, "count": c} for t, c in shown]}
+        )
+
+    async def vocab(self, request: Request) -> Response:
+        """The tag manager's operations, the same as `vlmtag tags rename/merge/drop`."""
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        action, words, target = body.get("action"), body.get("keywords"), body.get("into")
+        if action not in ("rename", "merge", "drop") or not _strings(words):
+            return JSONResponse({"error": "action and keywords are needed"}, 400)
+        if action in ("rename", "merge") and not (isinstance(target, str) and target.strip()):
+            return JSONResponse({"error": "say the new keyword"}, 400)
+        try:
+            if action == "rename":
+                changed = self.library.rename_keyword(words[0], target)
+            elif action == "merge":
+                changed = self.library.merge_keywords(words, target)
+            else:
+                changed = sum(self.library.drop_keyword(w) for w in words)
+        except UsageError as exc:
+            return JSONResponse({"error": printable(str(exc))}, 400)
+        self.cloud.refresh_now()
         return JSONResponse({"changed": changed})
 
     async def describe(self, request: Request) -> Response:
@@ -243,7 +320,18 @@ class WebApp:
         ):
             return JSONResponse({"error": "no such image"}, 404)
         taken = self.library.undo_content(content_id, via="web")
-        return JSONResponse({"undone": len(taken)})
+        ids = list(dict.fromkeys(c for c, _ in taken))
+        return JSONResponse({"undone": len(taken), "ids": ids[:MAX_SELECTION]})
+
+    async def keywords(self, request: Request) -> Response:
+        """The current keywords of many pictures at once (tiles refreshed after a bulk edit)."""
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        found = self.library.chosen_keywords(_ids(body.get("ids")))
+        return JSONResponse(
+            {"keywords": {c: [keyword_json(k) for k in kws] for c, kws in found.items()}}
+        )
 
     async def export(self, request: Request) -> Response:
         """The selection (ids), or every image of the grid's filters and query, exported
@@ -273,21 +361,24 @@ class WebApp:
             counts[outcome.action] = counts.get(outcome.action, 0) + 1
         return JSONResponse({"written": counts})
 
-    def grid_ids(self, request: Request) -> set[str]:
-        """The content ids of every image the grid shows for the request's filters."""
+    def grid_ids(self, request: Request, at_most: int | None = None) -> set[str]:
+        """The content ids of every image the grid shows for the request's filters (a
+        semantic search's too; at most `at_most`, where given)."""
         q = request.query_params
         ids: set[str] = set()
         after = None
         while True:
             found = self.library.browse(
-                self.filters(request), query=q.get("q") or None, after=after, limit=200
-            )
-            ids.update(t.content_id for t in found.tiles)
+                self.filters(request), query=q.get("q") or None, after=after, limit=200,
+                semantic=q.get("semantic") == "1",
+            )  # fmt: skip
+            ids.update(t.content_id for t in found.tiles if t.content_id)
             after = found.after
-            if after is None:
+            if after is None or (at_most is not None and len(ids) >= at_most):
                 return ids
 
     def close(self) -> None:
+        self.cloud.close()
         self.thumbs.close()
         self.library.close()
 
@@ -323,7 +414,34 @@ def tile_json(tile: Tile) -> dict[str, Any]:
         "language": tile.language,
         "width": tile.width,
         "height": tile.height,
+        "failure": printable(tile.failure) if tile.failure else None,
     }
+
+
+def _percent(value: str | None) -> float | None:
+    """ "80" (per cent, from the page) as 0.8; None for nothing or what is not a number."""
+    try:
+        number = float(value) if value else None
+    except ValueError:
+        return None
+    if number is None or not 0 <= number <= 100:
+        return None
+    return number / 100
+
+
+def _day_ns(value: str | None, *, next_day: bool = False) -> int | None:
+    """A YYYY-MM-DD day (local time, as a person reads file dates) as nanoseconds since
+    the epoch: its start, or the next day's start for an end that includes the day."""
+    try:
+        day = datetime.strptime(value or "", "%Y-%m-%d")
+    except ValueError:
+        return None
+    if next_day:
+        day += timedelta(days=1)
+    try:
+        return int(day.timestamp()) * 1_000_000_000
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def keyword_json(keyword: Any) -> dict[str, Any]:
@@ -376,6 +494,7 @@ def create_app(db_path: str, guard: Guard, thumbs_folder: Path) -> Starlette:
         Route("/", web.index),
         Route("/failures", web.failures_page),
         Route("/runs", web.runs_page),
+        Route("/tags", web.tags_page),
         Route("/api/images", web.images),
         Route("/api/count", web.count),
         Route("/api/image/{content_id}", web.image),
@@ -385,6 +504,9 @@ def create_app(db_path: str, guard: Guard, thumbs_folder: Path) -> Starlette:
         Route("/api/describe", web.describe, methods=["POST"]),
         Route("/api/undo", web.undo, methods=["POST"]),
         Route("/api/export", web.export, methods=["POST"]),
+        Route("/api/selection", web.selection, methods=["POST"]),
+        Route("/api/vocab", web.vocab, methods=["POST"]),
+        Route("/api/keywords", web.keywords, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
 

@@ -7,19 +7,28 @@ const W = config.words;
 const $ = (id) => document.getElementById(id);
 const MAX_TILES = 1200; // tiles kept in the page; the farthest pages go when there are more
 const state = { tiles: [], after: null, loading: false, done: false, index: -1, focus: -1,
-  selected: new Set(), anchor: -1, generation: 0 };
+  selected: new Set(), allResults: false, total: null, anchor: -1, generation: 0 };
+const FILTER_KEYS = ["q", "semantic", "sort", "model", "language", "review", "folder", "show", "conf", "from", "to"];
 
 function params() { return new URLSearchParams(location.search); }
 
 function apiQuery(after) {
   const p = params();
   const q = new URLSearchParams();
-  for (const key of ["q", "sort", "model", "language", "review", "folder"]) {
+  for (const key of FILTER_KEYS) {
     if (p.get(key)) q.set(key, p.get(key));
   }
   for (const tag of p.getAll("tag")) q.append("tag", tag);
   if (after) q.set("after", after);
   return q;
+}
+
+function setParamsNow(values) {
+  const p = params();
+  for (const [key, value] of Object.entries(values)) { if (value) p.set(key, value); else p.delete(key); }
+  p.delete("lang");
+  history.pushState(null, "", "?" + p.toString());
+  reload();
 }
 
 function setParam(key, value, many) {
@@ -52,13 +61,28 @@ function el(tag, attrs, text) {
 
 function tileNode(tile, i) {
   const node = el("div", { class: "tile", role: "listitem", "data-index": String(i), "data-id": tile.id });
-  const img = el("img", { src: `/picture/${tile.id}/grid`, loading: "lazy", alt: tile.path });
-  node.append(img, el("div", { class: "kw", title: tile.path },
-    tile.keywords.map((k) => k.text).join(", ") || "—"));
+  // A failed file is shown by its reason: most failures are pictures that cannot be read.
+  if (tile.id && !tile.failure) {
+    const img = el("img", { loading: "lazy", alt: tile.path, src: `/picture/${tile.id}/grid` });
+    img.addEventListener("error", () => img.replaceWith(el("div", { class: "missing", title: tile.path }, "?")));
+    node.append(img);
+  } else {
+    node.append(el("div", { class: "missing", title: tile.path }, "!"));
+  }
+  if (tile.failure) {
+    node.classList.add("failed");
+    node.append(el("div", { class: "kw mono", title: tile.path }, tile.path.split("/").pop()),
+      el("div", { class: "kw reason", title: tile.failure }, tile.failure));
+  } else {
+    node.append(el("div", { class: "kw", title: tile.path }, keywordLine(tile)));
+  }
   node.addEventListener("click", (event) => onTileClick(event, i));
-  if (state.selected.has(tile.id)) node.classList.add("selected");
+  if (isSelected(tile.id)) node.classList.add("selected");
   return node;
 }
+
+function keywordLine(tile) { return tile.keywords.map((k) => k.text).join(", ") || "—"; }
+function isSelected(id) { return state.allResults || state.selected.has(id); }
 
 async function loadMore() {
   if (state.loading || state.done) return;
@@ -74,9 +98,10 @@ async function loadMore() {
     page.tiles.forEach((tile, n) => { state.tiles.push(tile); grid.append(tileNode(tile, start + n)); });
     state.after = page.after;
     state.done = !page.after;
-    if (page.total !== null && page.total !== undefined) $("count").textContent = `${page.total} ${W.images}`;
+    if (page.total !== null && page.total !== undefined) showCount(page.total);
     else if (!state.counted) loadCount(generation);
     $("empty").hidden = state.tiles.length > 0;
+    $("select-all").hidden = config.readOnly || state.allResults || !state.tiles.length || params().get("show") === "failed";
     $("sentinel").hidden = state.done;
     dropFar();
   } finally {
@@ -88,8 +113,10 @@ async function loadCount(generation) {
   state.counted = true;
   const response = await fetch("/api/count?" + apiQuery(null).toString());
   const answer = await response.json().catch(() => ({}));
-  if (generation === state.generation && response.ok) $("count").textContent = `${answer.total} ${W.images}`;
+  if (generation === state.generation && response.ok && answer.total !== null) showCount(answer.total);
 }
+
+function showCount(total) { state.total = total; $("count").textContent = `${total} ${W.images}`; }
 
 function dropFar() {
   // Far pages leave the page (never one giant container of images); their place is kept.
@@ -105,10 +132,12 @@ function dropFar() {
   }
 }
 
+function toggleFilters() { document.querySelector(".side").classList.toggle("open"); }
+
 function reload() {
   state.generation += 1;
   state.tiles = []; state.after = null; state.done = false; state.loading = false; state.counted = false;
-  state.selected.clear();
+  state.selected.clear(); state.allResults = false; state.total = null; state.anchor = -1;
   paintSelection();
   $("grid").replaceChildren();
   $("count").textContent = "";
@@ -123,6 +152,14 @@ function syncControls() {
   $("sort").value = p.get("sort") || "path";
   $("model").value = p.get("model") || "";
   $("language").value = p.get("language") || "";
+  $("semantic").checked = p.get("semantic") === "1";
+  $("show").value = p.get("show") || "tagged";
+  $("review").checked = p.get("review") === "1";
+  $("folder").value = p.get("folder") || "";
+  $("conf").value = p.get("conf") || "";
+  $("from").value = p.get("from") || "";
+  $("to").value = p.get("to") || "";
+  $("sort").disabled = $("semantic").checked && !!p.get("q");
   const active = $("active-tags");
   active.replaceChildren();
   for (const tag of p.getAll("tag")) {
@@ -156,9 +193,13 @@ async function loadCloud(limit) {
 
 function onTileClick(event, i) {
   const tile = state.tiles[i];
+  if (!tile.id || tile.failure) return; // a failed file: its reason is all there is to show
+  if ((event.shiftKey || event.ctrlKey || event.metaKey) && state.allResults) {
+    state.allResults = false; state.selected.clear();
+  }
   if (event.shiftKey && state.anchor >= 0) {
     const [a, b] = [Math.min(state.anchor, i), Math.max(state.anchor, i)];
-    for (let n = a; n <= b; n++) state.selected.add(state.tiles[n].id);
+    for (let n = a; n <= b; n++) if (state.tiles[n].id) state.selected.add(state.tiles[n].id);
     paintSelection();
     return;
   }
@@ -173,22 +214,58 @@ function onTileClick(event, i) {
 
 function paintSelection() {
   for (const node of $("grid").querySelectorAll(".tile")) {
-    node.classList.toggle("selected", state.selected.has(node.dataset.id));
+    node.classList.toggle("selected", isSelected(node.dataset.id));
   }
-  const n = state.selected.size;
-  $("bulk").hidden = n === 0 || config.readOnly;
-  $("bulk-count").textContent = `${n} ${W.selected}`;
+  const n = state.allResults ? state.total : state.selected.size;
+  const any = state.allResults || state.selected.size > 0;
+  $("bulk").hidden = !any || config.readOnly;
+  $("bulk-count").textContent = state.allResults ? `${W.all_results}: ${n ?? ""} ${W.selected}` : `${n} ${W.selected}`;
+  $("select-all").hidden = config.readOnly || state.allResults || !state.tiles.length || params().get("show") === "failed";
+  if (any && !config.readOnly) selectionChips(); else $("bulk-chips").replaceChildren();
 }
 
-async function bulk(action) {
-  const word = $("bulk-input").value.trim();
-  const ids = Array.from(state.selected);
-  if (!word || !ids.length) return;
+// What the selection is, for the server: its ids, or every result of the grid's filters.
+function selectionBody() { return state.allResults ? { all: true } : { ids: Array.from(state.selected) }; }
+function selectionPath(path) { return state.allResults ? `${path}?${apiQuery(null).toString()}` : path; }
+
+let chipsTimer = null;
+function selectionChips() {
+  // The selection's keywords: solid where every selected image has one, dashed with a
+  // count where only some do. Click a partial one to give it to all; × takes it from all.
+  clearTimeout(chipsTimer);
+  chipsTimer = setTimeout(async () => {
+    const generation = state.generation;
+    let answer;
+    try { answer = await post(selectionPath("/api/selection"), selectionBody()); }
+    catch (error) { $("bulk-status").textContent = `${W.error}: ${error.message}`; return; }
+    if (generation !== state.generation) return;
+    const chips = $("bulk-chips");
+    chips.replaceChildren();
+    for (const k of answer.keywords.slice(0, 40)) {
+      const whole = k.count === answer.images;
+      const chip = el("span", { class: `chip ${whole ? "person" : "partial"}`, title: whole ? W.all_have : W.some_have,
+        "data-keyword": k.text }, k.text);
+      if (!whole) {
+        chip.append(el("small", {}, `${k.count}/${answer.images}`));
+        chip.addEventListener("click", (event) => { if (event.target === chip) bulk("add", k.text); });
+      }
+      const reject = el("button", { type: "button", title: W.reject, "aria-label": `${W.reject} ${k.text}` }, "×");
+      reject.addEventListener("click", () => bulk("reject", k.text));
+      chip.append(reject);
+      chips.append(chip);
+    }
+  }, 150);
+}
+
+async function bulk(action, given) {
+  const word = (given || $("bulk-input").value).trim();
+  if (!word || !(state.allResults || state.selected.size)) return;
   try {
-    const answer = await post("/api/decide", { ids, action, keywords: [word] });
-    $("bulk-status").textContent = `${W.saved} (${answer.changed})`;
-    $("bulk-input").value = "";
-    refreshTiles(ids);
+    const answer = await post(selectionPath("/api/decide"), { ...selectionBody(), action, keywords: [word] });
+    $("bulk-status").textContent = `${W.saved} (${answer.images} ${W.images})`;
+    if (!given) $("bulk-input").value = "";
+    await refreshTiles(state.allResults ? state.tiles.map((t) => t.id).filter(Boolean) : Array.from(state.selected));
+    selectionChips();
   } catch (error) { $("bulk-status").textContent = `${W.error}: ${error.message}`; }
 }
 
@@ -260,15 +337,17 @@ async function decide(action, keywords) {
 }
 
 async function refreshTiles(ids) {
-  for (const id of ids) {
-    const response = await fetch(`/api/image/${id}`);
-    if (!response.ok) continue;
-    const image = await response.json();
+  // The tiles' keywords read again, a few hundred pictures a request.
+  const wanted = new Set(ids);
+  const list = Array.from(wanted);
+  for (let n = 0; n < list.length; n += 500) {
+    let answer;
+    try { answer = await post("/api/keywords", { ids: list.slice(n, n + 500) }); } catch (error) { return; }
     state.tiles.forEach((tile, i) => {
-      if (tile.id !== id) return;
-      tile.keywords = image.keywords;
+      if (!(tile.id in answer.keywords)) return;
+      tile.keywords = answer.keywords[tile.id];
       const node = $("grid").querySelector(`.tile[data-index="${i}"] .kw`);
-      if (node) node.textContent = image.keywords.map((k) => k.text).join(", ") || "—";
+      if (node) node.textContent = keywordLine(tile);
     });
   }
 }
@@ -295,6 +374,7 @@ document.addEventListener("keydown", (event) => {
   const key = event.key;
   if (key === "?") { $("help").hidden = !$("help").hidden; return; }
   if (key === "Escape") { $("help").hidden = true; if (open) closeViewer(); return; }
+  if (!open && key === "u" && !config.readOnly) { undo(); return; }
   if (!open) {
     if ((key === "Enter" || key === "j" || key === "ArrowRight") && state.tiles.length) openViewer(Math.max(0, state.anchor));
     return;
@@ -321,9 +401,18 @@ document.addEventListener("keydown", (event) => {
 function editDescription() { $("desc-form").hidden = false; $("view-desc").hidden = true; $("desc-input").focus(); }
 
 async function undo() {
-  const ids = targets();
-  try { await post("/api/undo", { id: ids[0] || null }); status(W.saved); if (ids[0]) { await showDetails(ids[0]); refreshTiles(ids); } }
-  catch (error) { status(`${W.error}: ${error.message}`, true); }
+  // In the viewer: the last action on this picture. On the grid: the last action, on
+  // whatever pictures it touched (a bulk edit is one action). Again: the one before.
+  const inViewer = state.index >= 0 && !$("viewer").hidden;
+  const id = inViewer ? state.tiles[state.index].id : null;
+  const say = inViewer ? status : (text) => { $("bulk-status").textContent = text; $("count-status").textContent = text; };
+  try {
+    const answer = await post("/api/undo", { id });
+    say(answer.undone ? `${W.undone} (${answer.undone})` : W.nothing_to_undo);
+    if (inViewer) await showDetails(id);
+    await refreshTiles(answer.ids && answer.ids.length ? answer.ids : state.tiles.map((t) => t.id).filter(Boolean));
+    if (state.allResults || state.selected.size) selectionChips();
+  } catch (error) { say(`${W.error}: ${error.message}`, true); }
 }
 
 // ---- keyword autocomplete: the library's keywords that start so, most used first -------
@@ -346,7 +435,7 @@ for (const id of ["add-input", "bulk-input"]) $(id).addEventListener("input", (e
 
 async function exportNow() {
   const format = $("export-format").value;
-  const ids = Array.from(state.selected);
+  const ids = state.allResults ? [] : Array.from(state.selected);
   const response = await fetch("/api/export?" + apiQuery(null).toString(), {
     method: "POST", credentials: "same-origin",
     headers: { "content-type": "application/json", "x-vlmtag-token": config.token },
@@ -376,6 +465,17 @@ $("search").addEventListener("submit", (event) => { event.preventDefault(); setP
 $("sort").addEventListener("change", () => setParam("sort", $("sort").value));
 $("model").addEventListener("change", () => setParam("model", $("model").value));
 $("language").addEventListener("change", () => setParam("language", $("language").value));
+$("semantic").addEventListener("change", () => { $("q").value.trim() ? setParamsNow({ semantic: $("semantic").checked ? "1" : "", q: $("q").value.trim() }) : setParam("semantic", $("semantic").checked ? "1" : ""); });
+$("show").addEventListener("change", () => setParam("show", $("show").value === "tagged" ? "" : $("show").value));
+$("review").addEventListener("change", () => setParam("review", $("review").checked ? "1" : ""));
+$("folder-form").addEventListener("submit", (event) => { event.preventDefault(); setParam("folder", $("folder").value.trim()); });
+$("folder").addEventListener("change", () => setParam("folder", $("folder").value.trim()));
+$("conf").addEventListener("change", () => setParam("conf", $("conf").value));
+$("from").addEventListener("change", () => setParam("from", $("from").value));
+$("to").addEventListener("change", () => setParam("to", $("to").value));
+$("select-all").addEventListener("click", () => { state.allResults = true; state.selected.clear(); paintSelection(); });
+$("grid-undo").addEventListener("click", undo);
+$("filters-toggle").addEventListener("click", toggleFilters);
 $("clear").addEventListener("click", () => { history.pushState(null, "", "/"); reload(); });
 $("more-tags").addEventListener("click", () => loadCloud(500));
 $("close").addEventListener("click", closeViewer);
@@ -388,7 +488,7 @@ $("accept-all").addEventListener("click", () => {
 $("undo").addEventListener("click", undo);
 $("bulk").addEventListener("submit", (event) => { event.preventDefault(); bulk("add"); });
 $("bulk-reject").addEventListener("click", () => bulk("reject"));
-$("bulk-none").addEventListener("click", () => { state.selected.clear(); paintSelection(); });
+$("bulk-none").addEventListener("click", () => { state.selected.clear(); state.allResults = false; paintSelection(); });
 $("add-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const word = $("add-input").value.trim();
@@ -404,7 +504,7 @@ $("desc-form").addEventListener("submit", async (event) => {
     status(W.saved); await showDetails(targets()[0]);
   } catch (error) { status(`${W.error}: ${error.message}`, true); }
 });
-if (config.readOnly) for (const id of ["accept-all", "undo", "add-form", "desc-edit", "export"]) $(id).hidden = true;
+if (config.readOnly) for (const id of ["accept-all", "undo", "add-form", "desc-edit", "export", "grid-undo", "select-all"]) $(id).hidden = true;
 window.addEventListener("popstate", reload);
 new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting)) loadMore(); },
   { rootMargin: "800px" }).observe($("sentinel"));
