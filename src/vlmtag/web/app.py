@@ -8,9 +8,11 @@ database holds for it: never from a path a browser sends.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ class WebApp:
         self.guard = guard
         self.thumbs = thumbs
         self.cloud = KeywordCloud(db_path, self.change_mark)
+        self.meaning = Meaning(db_path)
         self._cache: dict[tuple, Any] = {}
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -121,15 +124,17 @@ class WebApp:
             limit = int(q.get("limit", "60"))
         except ValueError:
             limit = 60
+        asked = dict(
+            query=q.get("q") or None,
+            sort=q.get("sort", "path"),
+            after=q.get("after") or None,
+            limit=limit,
+        )
         try:
-            found = self.library.browse(
-                self.filters(request),
-                query=q.get("q") or None,
-                sort=q.get("sort", "path"),
-                after=q.get("after") or None,
-                limit=limit,
-                semantic=q.get("semantic") == "1",
-            )
+            if q.get("semantic") == "1" and asked["query"]:
+                found = await self.meaning.browse(self.filters(request), **asked)
+            else:
+                found = self.library.browse(self.filters(request), **asked)
         except (UsageError, SetupError) as exc:
             return JSONResponse({"error": printable(str(exc))}, status_code=400)
         return JSONResponse(
@@ -378,9 +383,38 @@ class WebApp:
                 return ids
 
     def close(self) -> None:
+        self.meaning.close()
         self.cloud.close()
         self.thumbs.close()
         self.library.close()
+
+
+class Meaning:
+    """Searches by meaning, on a thread and a connection of their own: the first one after
+    tagging embeds every text not embedded yet (minutes for a large library), and the other
+    requests must not wait for it. One at a time, in order."""
+
+    def __init__(self, db_path: str):
+        self.db_path = db_path
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vlmtag-meaning")
+        self._library: Library | None = None  # opened, used and closed on that thread
+
+    async def browse(self, filters: Filters, **asked: Any) -> Any:
+        future = self._pool.submit(self._browse, filters, asked)
+        return await asyncio.wrap_future(future)
+
+    def _browse(self, filters: Filters, asked: dict[str, Any]) -> Any:
+        if self._library is None:
+            self._library = Library.open(self.db_path)
+        return self._library.browse(filters, semantic=True, **asked)
+
+    def close(self) -> None:
+        def shut() -> None:
+            if self._library is not None:
+                self._library.close()
+
+        self._pool.submit(shut)
+        self._pool.shutdown(wait=False, cancel_futures=False)
 
 
 def run_row(run: dict[str, Any]) -> dict[str, Any]:

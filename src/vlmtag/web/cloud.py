@@ -9,6 +9,7 @@ right picture of a library; the grid, counts and decisions are never stale.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,10 +73,12 @@ class KeywordCloud:
                 counts = current.keyword_counts(conn)
             finally:
                 conn.close()
-        except Exception:
+        except sqlite3.Error:
+            # Locked past the busy timeout, or the file went away: the counts as last read
+            # (none yet: an empty cloud); the next change tries again.
             with self._lock:
                 self._pending = None
-            raise
+                return self._counts or []
         with self._lock:
             self._counts, self._read_at, self._pending = counts, mark, None
         return counts
