@@ -202,6 +202,10 @@ class Library:
         selection = self.selection(language=language, model=model)
         return current.keyword_counts(self.store.conn, selection, limit=limit)
 
+    def known_contents(self, content_ids: list[str]) -> set[str]:
+        """Which of these content ids are pictures the library has a file of."""
+        return self.store.known_contents(content_ids)
+
     def chosen_keywords(self, content_ids: list[str]) -> dict[str, list[Keyword]]:
         """Each picture's current keywords (the set every reader shows), by content id."""
         return current.chosen_keywords(self.store.conn, content_ids)
@@ -273,12 +277,14 @@ class Library:
     def undo_content(
         self, content_id: str | None = None, *, via: str
     ) -> list[tuple[str, Decision]]:
-        """Take back the last action (on one picture, if given): every decision it made,
-        so one press undoes a keyword added to 500 selected pictures; again, the one before.
+        """Take back the last action: every decision it made, so one press undoes a keyword
+        added to 500 selected pictures; again, the one before. Given a picture, the last
+        action on it, on that picture only.
         Returns (content id, decision) pairs."""
         return decisions.undo_action(
-            self.store, content_id=content_id, author=decisions.default_author(via)
-        )
+            self.store, content_id=content_id, author=decisions.default_author(via),
+            only_there=content_id is not None,
+        )  # fmt: skip
 
     def failures(self) -> list[dict[str, Any]]:
         return self.store.failures()

@@ -239,8 +239,12 @@ def _seek(sort: str, values: list[Any]) -> tuple[str, dict[str, Any]]:
     return "", {}
 
 
-# Files whose content has no keyword set (files.tagged is kept by library/current.py).
-_UNTAGGED = "f.present = 1 AND f.tagged = 0"
+# Files whose content has no keyword set (files.tagged is kept by library/current.py) and
+# that did not fail either: those are in the failed view, with their reason.
+_UNTAGGED = (
+    "f.present = 1 AND f.tagged = 0 "
+    "AND NOT EXISTS (SELECT 1 FROM failures fl WHERE fl.path = f.path)"
+)
 
 
 def _untagged_page(

@@ -362,6 +362,18 @@ class Store:
         with contextlib.suppress(Interrupted):  # stopped meanwhile: the run does nothing
             self._patiently(forget, interruptible=True)
 
+    def known_contents(self, content_ids: list[str]) -> set[str]:
+        """Which of these content ids have a file on record."""
+        found: set[str] = set()
+        for n in range(0, len(content_ids), 500):
+            chunk = content_ids[n : n + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT DISTINCT content_id FROM files WHERE content_id IN ({marks})", chunk
+            )
+            found.update(r[0] for r in rows)
+        return found
+
     def failures_of(self, path: str) -> list[dict[str, Any]]:
         rows = self.conn.execute("SELECT * FROM failures WHERE path = ?", (to_db(path),))
         return [{**dict(r), "path": path} for r in rows]

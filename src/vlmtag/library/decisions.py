@@ -141,25 +141,30 @@ def undo(
 
 
 def undo_action(
-    store: Store, *, content_id: str | None = None, author: str | None = None
+    store: Store,
+    *,
+    content_id: str | None = None,
+    author: str | None = None,
+    only_there: bool = False,
 ) -> list[tuple[str, Decision]]:
     """Take back the last action that still holds (of one image, if given): every decision
     made with it, on every image (one call of decide_keywords or describe: one author, one
-    time). Called again, the action before it. Returns (content id, decision) pairs."""
+    time). Called again, the action before it. With `only_there`, only what the action did to
+    `content_id` (a viewer's undo of one picture). Returns (content id, decision) pairs."""
     author = author or default_author()
     with store.writing() as conn:
         newest = _last_effective(conn, content_id, 1)
         if not newest:
             return []
         stamp, by = newest[0][1].created_at, newest[0][1].author
-        contents = [
+        contents = [newest[0][0]] if only_there else [
             r[0]
             for r in conn.execute(
                 "SELECT DISTINCT content_id FROM decisions WHERE created_at = ? AND author = ? "
                 "AND action != 'undo'",
                 (stamp, by),
             )
-        ]
+        ]  # fmt: skip
         taken = [
             (c, d)
             for c in contents

@@ -8,12 +8,9 @@ database holds for it: never from a path a browser sends.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 import json
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +25,27 @@ from vlmtag import __version__
 from vlmtag.api import Library
 from vlmtag.errors import ImageError, SetupError, UsageError
 from vlmtag.ingest.files import open_regular
-from vlmtag.library.browse import SHOWS, Filters, Tile
+from vlmtag.library.browse import SHOWS, Filters
+from vlmtag.library.index import has_cjk
 from vlmtag.text import printable
 from vlmtag.web import i18n
 from vlmtag.web.cloud import KeywordCloud
 from vlmtag.web.guard import COOKIE, Guard, middleware
+from vlmtag.web.inputs import (
+    MAX_SELECTION,
+    day_ns,
+    ids_of,
+    ids_problem,
+    keywords_problem,
+    percent,
+    read_json,
+    strings_ok,
+)
+from vlmtag.web.meaning import Meaning
 from vlmtag.web.thumbs import CONTENT_ID, SIZES, Thumbnails
+from vlmtag.web.views import keyword_json, run_row, tile_json
 
 HERE = Path(__file__).parent
-MAX_BODY = 1_000_000  # a decision is a few hundred bytes; a selection of 10,000 ids ~700 KB
-MAX_SELECTION = 10_000
 CLOUD_SIZE = 40
 STREAM_FORMATS = ("csv", "json", "jsonl")
 EXPORT_FORMATS = (*STREAM_FORMATS, "xmp", "txt")
@@ -49,7 +57,7 @@ class WebApp:
         self.guard = guard
         self.thumbs = thumbs
         self.cloud = KeywordCloud(db_path, self.change_mark)
-        self.meaning = Meaning(db_path)
+        self.meaning = Meaning(db_path, readonly=guard.read_only)
         self._cache: dict[tuple, Any] = {}
         self.templates = Environment(
             loader=FileSystemLoader(HERE / "templates"),
@@ -112,9 +120,9 @@ class WebApp:
             model=q.get("model") or None,
             language=q.get("language") or None,
             unreviewed=q.get("review") == "1",
-            min_confidence=_percent(q.get("conf")),
-            since_ns=_day_ns(q.get("from")),
-            until_ns=_day_ns(q.get("to"), next_day=True),
+            min_confidence=percent(q.get("conf")),
+            since_ns=day_ns(q.get("from")),
+            until_ns=day_ns(q.get("to"), next_day=True),
             show=show if show in SHOWS else "tagged",
         )
 
@@ -130,24 +138,34 @@ class WebApp:
             after=q.get("after") or None,
             limit=limit,
         )
+        note = None
         try:
-            if q.get("semantic") == "1" and asked["query"]:
+            if self.by_meaning(request):
                 found = await self.meaning.browse(self.filters(request), **asked)
             else:
+                if q.get("semantic") == "1" and asked["query"]:
+                    note = "by meaning understands English only; searched the words instead"
                 found = self.library.browse(self.filters(request), **asked)
         except (UsageError, SetupError) as exc:
             return JSONResponse({"error": printable(str(exc))}, status_code=400)
         return JSONResponse(
             {"tiles": [tile_json(t) for t in found.tiles], "after": found.after,
-             "total": found.total}
+             "total": found.total, "note": note}
         )  # fmt: skip
+
+    def by_meaning(self, request: Request) -> bool:
+        """A search by meaning was asked for and can be one: the embedding model knows
+        English only, so CJK text is searched as words (as `vlmtag search` does)."""
+        q = request.query_params
+        text = q.get("q") or ""
+        return q.get("semantic") == "1" and bool(text.strip()) and not has_cjk(text)
 
     async def count(self, request: Request) -> Response:
         """How many the grid holds: its own request, so the grid never waits for it; kept
         until the database changes (another connection's commit, or ours)."""
         q = request.query_params.get("q") or None
         filters = self.filters(request)
-        if request.query_params.get("semantic") == "1" and q:
+        if self.by_meaning(request):
             return JSONResponse({"total": None})  # a ranked page says its own
         try:
             total = self.cached(
@@ -235,22 +253,31 @@ class WebApp:
         body = await read_json(request)
         if isinstance(body, Response):
             return body
-        ids = self.chosen_ids(request, body)
+        ids = self.chosenids_of(request, body)
         if isinstance(ids, Response):
             return ids
         action, keywords = body.get("action"), body.get("keywords")
-        if not ids or action not in ("add", "reject") or not _strings(keywords):
-            return JSONResponse({"error": "ids, action and keywords are needed"}, 400)
+        if action not in ("add", "reject"):
+            return JSONResponse({"error": "action must be add or reject"}, 400)
+        problem = keywords_problem(keywords)
+        if problem:
+            return JSONResponse({"error": problem}, 400)
+        if not ids:
+            return JSONResponse({"error": "no image matches: nothing to change"}, 400)
         try:
             changed = self.library.decide(ids, action, keywords, via="web")
         except UsageError as exc:
             return JSONResponse({"error": printable(str(exc))}, 400)
         return JSONResponse({"changed": changed, "images": len(ids)})
 
-    def chosen_ids(self, request: Request, body: dict[str, Any]) -> list[str] | Response:
+    def chosenids_of(self, request: Request, body: dict[str, Any]) -> list[str] | Response:
+        """The pictures a change or a summary is about: `ids` (each one the library has),
+        or with `all` every image of the grid's filters and query, less `except`."""
         if body.get("all") is True:
+            if request.query_params.get("show") == "failed":
+                return JSONResponse({"error": "failed images cannot be given keywords"}, 400)
             try:
-                ids = self.grid_ids(request, at_most=MAX_SELECTION + 1)
+                ids = self.gridids_of(request, at_most=MAX_SELECTION + 1)
             except UsageError as exc:
                 return JSONResponse({"error": printable(str(exc))}, 400)
             if len(ids) > MAX_SELECTION:
@@ -258,8 +285,16 @@ class WebApp:
                     {"error": f"more than {MAX_SELECTION:,} images: narrow the search first"},
                     400,
                 )
-            return sorted(ids)
-        return _ids(body.get("ids"))
+            left_out = set(ids_of(body.get("except")))
+            return sorted(ids - left_out)
+        given = body.get("ids")
+        ids = ids_of(given)
+        if not ids:
+            return JSONResponse({"error": ids_problem(given)}, 400)
+        known = self.library.known_contents(ids)
+        if len(known) != len(ids):
+            return JSONResponse({"error": "no such image (the page may be out of date)"}, 404)
+        return ids
 
     async def selection(self, request: Request) -> Response:
         """The keywords of a selection and on how many of its images each one is, so the
@@ -267,7 +302,7 @@ class WebApp:
         body = await read_json(request)
         if isinstance(body, Response):
             return body
-        ids = self.chosen_ids(request, body)
+        ids = self.chosenids_of(request, body)
         if isinstance(ids, Response):
             return ids
         counts: dict[str, list[Any]] = {}
@@ -286,7 +321,7 @@ class WebApp:
         if isinstance(body, Response):
             return body
         action, words, target = body.get("action"), body.get("keywords"), body.get("into")
-        if action not in ("rename", "merge", "drop") or not _strings(words):
+        if action not in ("rename", "merge", "drop") or not strings_ok(words):
             return JSONResponse({"error": "action and keywords are needed"}, 400)
         if action in ("rename", "merge") and not (isinstance(target, str) and target.strip()):
             return JSONResponse({"error": "say the new keyword"}, 400)
@@ -306,9 +341,11 @@ class WebApp:
         body = await read_json(request)
         if isinstance(body, Response):
             return body
-        ids, text = _ids(body.get("ids")), body.get("text")
-        if not ids or not isinstance(text, str):
-            return JSONResponse({"error": "ids and text are needed"}, 400)
+        ids, text = self.chosenids_of(request, {"ids": body.get("ids")}), body.get("text")
+        if isinstance(ids, Response):
+            return ids
+        if not isinstance(text, str):
+            return JSONResponse({"error": "the description must be text"}, 400)
         try:
             changed = self.library.describe_content(ids, text, via="web")
         except UsageError as exc:
@@ -321,7 +358,9 @@ class WebApp:
             return body
         content_id = body.get("id")
         if content_id is not None and not (
-            isinstance(content_id, str) and CONTENT_ID.match(content_id)
+            isinstance(content_id, str)
+            and CONTENT_ID.match(content_id)
+            and self.library.known_contents([content_id])
         ):
             return JSONResponse({"error": "no such image"}, 404)
         taken = self.library.undo_content(content_id, via="web")
@@ -333,7 +372,7 @@ class WebApp:
         body = await read_json(request)
         if isinstance(body, Response):
             return body
-        found = self.library.chosen_keywords(_ids(body.get("ids")))
+        found = self.library.chosen_keywords(ids_of(body.get("ids")))
         return JSONResponse(
             {"keywords": {c: [keyword_json(k) for k in kws] for c, kws in found.items()}}
         )
@@ -350,7 +389,17 @@ class WebApp:
             return JSONResponse(
                 {"error": f"format must be one of {', '.join(EXPORT_FORMATS)}"}, 400
             )
-        ids = set(_ids(body.get("ids"))) or self.grid_ids(request)
+        given = body.get("ids")
+        try:
+            if given in (None, []):  # nothing selected: every image of the grid's view
+                ids = self.gridids_of(request)
+            else:
+                chosen = self.chosenids_of(request, {"ids": given})
+                if isinstance(chosen, Response):
+                    return chosen
+                ids = set(chosen)
+        except UsageError as exc:
+            return JSONResponse({"error": printable(str(exc))}, 400)
         if fmt in STREAM_FORMATS:
             out = io.StringIO()
             self.library.export_stream(fmt, out, only=ids)
@@ -366,7 +415,7 @@ class WebApp:
             counts[outcome.action] = counts.get(outcome.action, 0) + 1
         return JSONResponse({"written": counts})
 
-    def grid_ids(self, request: Request, at_most: int | None = None) -> set[str]:
+    def gridids_of(self, request: Request, at_most: int | None = None) -> set[str]:
         """The content ids of every image the grid shows for the request's filters (a
         semantic search's too; at most `at_most`, where given)."""
         q = request.query_params
@@ -375,7 +424,7 @@ class WebApp:
         while True:
             found = self.library.browse(
                 self.filters(request), query=q.get("q") or None, after=after, limit=200,
-                semantic=q.get("semantic") == "1",
+                semantic=self.by_meaning(request),
             )  # fmt: skip
             ids.update(t.content_id for t in found.tiles if t.content_id)
             after = found.after
@@ -387,130 +436,6 @@ class WebApp:
         self.cloud.close()
         self.thumbs.close()
         self.library.close()
-
-
-class Meaning:
-    """Searches by meaning, on a thread and a connection of their own: the first one after
-    tagging embeds every text not embedded yet (minutes for a large library), and the other
-    requests must not wait for it. One at a time, in order."""
-
-    def __init__(self, db_path: str):
-        self.db_path = db_path
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="vlmtag-meaning")
-        self._library: Library | None = None  # opened, used and closed on that thread
-
-    async def browse(self, filters: Filters, **asked: Any) -> Any:
-        future = self._pool.submit(self._browse, filters, asked)
-        return await asyncio.wrap_future(future)
-
-    def _browse(self, filters: Filters, asked: dict[str, Any]) -> Any:
-        if self._library is None:
-            self._library = Library.open(self.db_path)
-        return self._library.browse(filters, semantic=True, **asked)
-
-    def close(self) -> None:
-        def shut() -> None:
-            if self._library is not None:
-                self._library.close()
-
-        self._pool.submit(shut)
-        self._pool.shutdown(wait=False, cancel_futures=False)
-
-
-def run_row(run: dict[str, Any]) -> dict[str, Any]:
-    """A run as the runs page shows it: its counts in a line, and images a second."""
-    try:
-        counts = json.loads(run.get("counts") or "{}")
-    except ValueError:
-        counts = {}
-    counts = counts if isinstance(counts, dict) else {}
-    shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v)
-    speed = ""
-    try:
-        started = datetime.fromisoformat(run["started_at"])
-        finished = datetime.fromisoformat(run["finished_at"])
-        seconds = (finished - started).total_seconds()
-        done = int(counts.get("tagged", 0)) + int(counts.get("failed", 0))
-        if seconds > 0 and done:
-            speed = f"{done / seconds:.1f}"
-    except (KeyError, TypeError, ValueError):
-        pass
-    return {**run, "counts_text": shown, "speed": speed}
-
-
-def tile_json(tile: Tile) -> dict[str, Any]:
-    return {
-        "id": tile.content_id,
-        "path": printable(tile.path),
-        "keywords": [keyword_json(k) for k in tile.keywords],
-        "description": tile.description,
-        "model": tile.model,
-        "language": tile.language,
-        "width": tile.width,
-        "height": tile.height,
-        "failure": printable(tile.failure) if tile.failure else None,
-    }
-
-
-def _percent(value: str | None) -> float | None:
-    """ "80" (per cent, from the page) as 0.8; None for nothing or what is not a number."""
-    try:
-        number = float(value) if value else None
-    except ValueError:
-        return None
-    if number is None or not 0 <= number <= 100:
-        return None
-    return number / 100
-
-
-def _day_ns(value: str | None, *, next_day: bool = False) -> int | None:
-    """A YYYY-MM-DD day (local time, as a person reads file dates) as nanoseconds since
-    the epoch: its start, or the next day's start for an end that includes the day."""
-    try:
-        day = datetime.strptime(value or "", "%Y-%m-%d")
-    except ValueError:
-        return None
-    if next_day:
-        day += timedelta(days=1)
-    try:
-        return int(day.timestamp()) * 1_000_000_000
-    except (OverflowError, OSError, ValueError):
-        return None
-
-
-def keyword_json(keyword: Any) -> dict[str, Any]:
-    return {"text": keyword.text, "source": keyword.source, "confidence": keyword.confidence}
-
-
-async def read_json(request: Request) -> dict[str, Any] | Response:
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY:
-            return JSONResponse({"error": "request too large"}, 413)
-    try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, RecursionError):
-        return JSONResponse({"error": "the body is not JSON"}, 400)
-    if not isinstance(body, dict):
-        return JSONResponse({"error": "the body is not a JSON object"}, 400)
-    return body
-
-
-def _ids(value: Any) -> list[str]:
-    if not isinstance(value, list) or len(value) > MAX_SELECTION:
-        return []
-    if not all(isinstance(v, str) and CONTENT_ID.match(v) for v in value):
-        return []
-    return list(dict.fromkeys(value))
-
-
-def _strings(value: Any) -> bool:
-    return (
-        isinstance(value, list)
-        and 0 < len(value) <= 100
-        and all(isinstance(v, str) and 0 < len(v) <= 200 for v in value)
-    )
 
 
 def _regular(path: str) -> bool:

@@ -104,7 +104,10 @@ def _refusal(scope: Scope, headers: dict[str, str], guard: Guard) -> tuple[int, 
         return 403, "changes come from this app's own page only"
     token = headers.get("x-vlmtag-token", "")
     if not hmac.compare_digest(token.encode(), guard.change_token.encode()):
-        return 403, "changes come from this app's own page only (token missing)"
+        return (
+            403,
+            "changes come from this app's own page only (token missing or wrong: reload the page)",
+        )
     return None
 
 

@@ -7,7 +7,8 @@ const W = config.words;
 const $ = (id) => document.getElementById(id);
 const MAX_TILES = 1200; // tiles kept in the page; the farthest pages go when there are more
 const state = { tiles: [], after: null, loading: false, done: false, index: -1, focus: -1,
-  selected: new Set(), allResults: false, total: null, anchor: -1, generation: 0 };
+  selected: new Set(), allResults: false, excluded: new Set(), total: null, anchor: -1, generation: 0,
+  busy: false, current: null };
 const FILTER_KEYS = ["q", "semantic", "sort", "model", "language", "review", "folder", "show", "conf", "from", "to"];
 
 function params() { return new URLSearchParams(location.search); }
@@ -76,13 +77,19 @@ function tileNode(tile, i) {
   } else {
     node.append(el("div", { class: "kw", title: tile.path }, keywordLine(tile)));
   }
+  if (tile.id && !tile.failure && !config.readOnly) {
+    // A tap target of its own: touch screens have no Ctrl or Shift.
+    const pick = el("button", { type: "button", class: "pick", title: W.select, "aria-label": `${W.select} ${tile.path}` }, "✓");
+    pick.addEventListener("click", (event) => { event.stopPropagation(); toggle(tile.id, i); });
+    node.append(pick);
+  }
   node.addEventListener("click", (event) => onTileClick(event, i));
   if (isSelected(tile.id)) node.classList.add("selected");
   return node;
 }
 
 function keywordLine(tile) { return tile.keywords.map((k) => k.text).join(", ") || "—"; }
-function isSelected(id) { return state.allResults || state.selected.has(id); }
+function isSelected(id) { return state.allResults ? !state.excluded.has(id) : state.selected.has(id); }
 
 async function loadMore() {
   if (state.loading || state.done) return;
@@ -98,6 +105,7 @@ async function loadMore() {
     page.tiles.forEach((tile, n) => { state.tiles.push(tile); grid.append(tileNode(tile, start + n)); });
     state.after = page.after;
     state.done = !page.after;
+    $("note").textContent = page.note ? `${W.note}: ${page.note}` : "";
     if (page.total !== null && page.total !== undefined) showCount(page.total);
     else if (!state.counted) loadCount(generation);
     $("empty").hidden = state.tiles.length > 0;
@@ -116,7 +124,8 @@ async function loadCount(generation) {
   if (generation === state.generation && response.ok && answer.total !== null) showCount(answer.total);
 }
 
-function showCount(total) { state.total = total; $("count").textContent = `${total} ${W.images}`; }
+function showCount(total) { state.total = total; $("count").textContent = imagesText(total); }
+function imagesText(n) { return `${n} ${n === 1 ? W.image : W.images}`; }
 
 function dropFar() {
   // Far pages leave the page (never one giant container of images); their place is kept.
@@ -136,8 +145,9 @@ function toggleFilters() { document.querySelector(".side").classList.toggle("ope
 
 function reload() {
   state.generation += 1;
+  clearTimeout(chipsTimer);
   state.tiles = []; state.after = null; state.done = false; state.loading = false; state.counted = false;
-  state.selected.clear(); state.allResults = false; state.total = null; state.anchor = -1;
+  state.selected.clear(); state.allResults = false; state.excluded.clear(); state.total = null; state.anchor = -1;
   paintSelection();
   $("grid").replaceChildren();
   $("count").textContent = "";
@@ -191,21 +201,23 @@ async function loadCloud(limit) {
   suggest.replaceChildren(...answer.tags.map((t) => el("option", { value: t.text })));
 }
 
+function toggle(id, i) {
+  // With every result selected, a toggle leaves one out (or takes it back in).
+  const set = state.allResults ? state.excluded : state.selected;
+  set.has(id) ? set.delete(id) : set.add(id);
+  state.anchor = i;
+  paintSelection();
+}
+
 function onTileClick(event, i) {
   const tile = state.tiles[i];
   if (!tile.id || tile.failure) return; // a failed file: its reason is all there is to show
-  if ((event.shiftKey || event.ctrlKey || event.metaKey) && state.allResults) {
-    state.allResults = false; state.selected.clear();
-  }
+  if ((event.ctrlKey || event.metaKey) && !event.shiftKey) { toggle(tile.id, i); return; }
+  if (event.shiftKey && state.allResults) { state.allResults = false; state.excluded.clear(); state.selected.clear(); }
   if (event.shiftKey && state.anchor >= 0) {
     const [a, b] = [Math.min(state.anchor, i), Math.max(state.anchor, i)];
     for (let n = a; n <= b; n++) if (state.tiles[n].id) state.selected.add(state.tiles[n].id);
     paintSelection();
-    return;
-  }
-  if (event.ctrlKey || event.metaKey) {
-    state.selected.has(tile.id) ? state.selected.delete(tile.id) : state.selected.add(tile.id);
-    state.anchor = i; paintSelection();
     return;
   }
   state.anchor = i;
@@ -216,16 +228,18 @@ function paintSelection() {
   for (const node of $("grid").querySelectorAll(".tile")) {
     node.classList.toggle("selected", isSelected(node.dataset.id));
   }
-  const n = state.allResults ? state.total : state.selected.size;
   const any = state.allResults || state.selected.size > 0;
   $("bulk").hidden = !any || config.readOnly;
-  $("bulk-count").textContent = state.allResults ? `${W.all_results}: ${n ?? ""} ${W.selected}` : `${n} ${W.selected}`;
+  // Counted as pictures (copies of one picture are one), as the server counts them.
+  $("bulk-count").textContent = state.allResults ? `${W.all_results}…` : `${state.selected.size} ${W.selected}`;
   $("select-all").hidden = config.readOnly || state.allResults || !state.tiles.length || params().get("show") === "failed";
   if (any && !config.readOnly) selectionChips(); else $("bulk-chips").replaceChildren();
 }
 
 // What the selection is, for the server: its ids, or every result of the grid's filters.
-function selectionBody() { return state.allResults ? { all: true } : { ids: Array.from(state.selected) }; }
+function selectionBody() {
+  return state.allResults ? { all: true, except: Array.from(state.excluded) } : { ids: Array.from(state.selected) };
+}
 function selectionPath(path) { return state.allResults ? `${path}?${apiQuery(null).toString()}` : path; }
 
 let chipsTimer = null;
@@ -235,10 +249,13 @@ function selectionChips() {
   clearTimeout(chipsTimer);
   chipsTimer = setTimeout(async () => {
     const generation = state.generation;
+    if (!state.allResults && !state.selected.size) return; // cleared meanwhile
     let answer;
     try { answer = await post(selectionPath("/api/selection"), selectionBody()); }
     catch (error) { $("bulk-status").textContent = `${W.error}: ${error.message}`; return; }
     if (generation !== state.generation) return;
+    $("bulk-count").textContent = state.allResults
+      ? `${W.all_results}: ${answer.images} ${W.selected}` : `${answer.images} ${W.selected}`;
     const chips = $("bulk-chips");
     chips.replaceChildren();
     for (const k of answer.keywords.slice(0, 40)) {
@@ -262,7 +279,7 @@ async function bulk(action, given) {
   if (!word || !(state.allResults || state.selected.size)) return;
   try {
     const answer = await post(selectionPath("/api/decide"), { ...selectionBody(), action, keywords: [word] });
-    $("bulk-status").textContent = `${W.saved} (${answer.images} ${W.images})`;
+    $("bulk-status").textContent = `${W.saved} (${imagesText(answer.images)})`;
     if (!given) $("bulk-input").value = "";
     await refreshTiles(state.allResults ? state.tiles.map((t) => t.id).filter(Boolean) : Array.from(state.selected));
     selectionChips();
@@ -273,7 +290,7 @@ async function bulk(action, given) {
 
 async function openViewer(i) {
   if (i < 0 || i >= state.tiles.length) return;
-  state.index = i; state.focus = -1;
+  state.index = i; state.focus = -1; state.current = null;
   const tile = state.tiles[i];
   $("viewer").hidden = false;
   $("view-img").src = `/picture/${tile.id}/view`;
@@ -283,8 +300,13 @@ async function openViewer(i) {
 }
 
 async function showDetails(id) {
-  const response = await fetch(`/api/image/${id}`);
-  const image = await response.json();
+  state.busy = true;
+  let response, image;
+  try {
+    response = await fetch(`/api/image/${id}`);
+    image = await response.json().catch(() => ({}));
+  } finally { state.busy = false; }
+  if (state.index >= 0 && state.tiles[state.index] && state.tiles[state.index].id !== id) return; // moved on
   if (!response.ok) { status(image.error || response.statusText, true); return; }
   $("view-path").textContent = image.path;
   const chips = $("view-chips");
@@ -367,28 +389,38 @@ function typing(event) {
 
 document.addEventListener("keydown", (event) => {
   if (typing(event) || event.ctrlKey || event.metaKey || event.altKey) {
-    if (event.key === "Escape" && typing(event)) event.target.blur();
+    if (event.key === "Escape" && typing(event)) {
+      if (event.target.id === "desc-input") cancelDescription();
+      event.target.blur();
+    }
     return;
   }
   const open = !$("viewer").hidden;
   const key = event.key;
   if (key === "?") { $("help").hidden = !$("help").hidden; return; }
-  if (key === "Escape") { $("help").hidden = true; if (open) closeViewer(); return; }
+  if (key === "Escape") {
+    if (!$("help").hidden) { $("help").hidden = true; return; } // one Esc, one thing closed
+    if (open) closeViewer();
+    return;
+  }
   if (!open && key === "u" && !config.readOnly) { undo(); return; }
   if (!open) {
     if ((key === "Enter" || key === "j" || key === "ArrowRight") && state.tiles.length) openViewer(Math.max(0, state.anchor));
     return;
   }
-  const keywords = state.current ? state.current.keywords : [];
+  // Keys that change something wait for the picture on screen: never the one before's.
+  const shown = state.current && state.tiles[state.index] && state.current.id === state.tiles[state.index].id;
+  const keywords = shown ? state.current.keywords : [];
   if (key === "j" || key === "ArrowRight") { move(1); event.preventDefault(); }
   else if (key === "k" || key === "ArrowLeft") { move(-1); event.preventDefault(); }
   else if (key === "ArrowDown" || key === "l") { state.focus = Math.min(keywords.length - 1, state.focus + 1); paintFocus(); event.preventDefault(); }
   else if (key === "ArrowUp" || key === "h") { state.focus = Math.max(0, state.focus - 1); paintFocus(); event.preventDefault(); }
   else if (key === "x" && !config.readOnly) {
-    const chosen = keywords[state.focus >= 0 ? state.focus : 0];
-    if (chosen) decide("reject", [chosen.text]);
+    // Only the keyword the ring shows: with none focused, x says how to focus one.
+    const chosen = state.focus >= 0 ? keywords[state.focus] : null;
+    if (chosen) decide("reject", [chosen.text]); else if (shown) status(W.focus_first);
   }
-  else if (key === "a" && !config.readOnly) {
+  else if (key === "a" && !config.readOnly && shown) {
     const suggested = keywords.filter((k) => k.source === "model").map((k) => k.text);
     if (suggested.length) decide("add", suggested);
   }
@@ -473,7 +505,7 @@ $("folder").addEventListener("change", () => setParam("folder", $("folder").valu
 $("conf").addEventListener("change", () => setParam("conf", $("conf").value));
 $("from").addEventListener("change", () => setParam("from", $("from").value));
 $("to").addEventListener("change", () => setParam("to", $("to").value));
-$("select-all").addEventListener("click", () => { state.allResults = true; state.selected.clear(); paintSelection(); });
+$("select-all").addEventListener("click", () => { state.allResults = true; state.excluded.clear(); state.selected.clear(); paintSelection(); });
 $("grid-undo").addEventListener("click", undo);
 $("filters-toggle").addEventListener("click", toggleFilters);
 $("clear").addEventListener("click", () => { history.pushState(null, "", "/"); reload(); });
@@ -488,14 +520,15 @@ $("accept-all").addEventListener("click", () => {
 $("undo").addEventListener("click", undo);
 $("bulk").addEventListener("submit", (event) => { event.preventDefault(); bulk("add"); });
 $("bulk-reject").addEventListener("click", () => bulk("reject"));
-$("bulk-none").addEventListener("click", () => { state.selected.clear(); state.allResults = false; paintSelection(); });
+$("bulk-none").addEventListener("click", () => { state.selected.clear(); state.allResults = false; state.excluded.clear(); paintSelection(); });
 $("add-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const word = $("add-input").value.trim();
   if (word) { decide("add", [word]); $("add-input").value = ""; $("add-input").blur(); }
 });
 $("desc-edit").addEventListener("click", editDescription);
-$("desc-cancel").addEventListener("click", () => { $("desc-form").hidden = true; $("view-desc").hidden = false; });
+function cancelDescription() { $("desc-form").hidden = true; $("view-desc").hidden = false; }
+$("desc-cancel").addEventListener("click", cancelDescription);
 $("desc-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   try {

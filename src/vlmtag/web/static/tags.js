@@ -30,7 +30,7 @@ function say(text, bad) { const s = $("tag-status"); s.textContent = text; s.sty
 async function change(body) {
   try {
     const answer = await post("/api/vocab", body);
-    say(`${W.saved} (${answer.changed} ${W.images})`);
+    say(W.saved);
     chosen.clear();
     await load();
   } catch (error) { say(`${W.error}: ${error.message}`, true); }
