@@ -18,6 +18,7 @@ LAYERS = {
     "vlmtag.text": 1,
     "vlmtag.redact": 1,
     "vlmtag.config": 2,
+    "vlmtag.config_files": 2,
     "vlmtag.ingest": 3,
     "vlmtag.models": 3,
     "vlmtag.library": 4,

@@ -175,6 +175,31 @@ def test_doctor_and_bench(tmp_path):
         assert json.loads(bench.stdout)["server_seconds"] > 0
 
 
+def test_compare_three_simulated_models_and_the_real_server(tmp_path):
+    models = tmp_path / "models.toml"
+    with LlamaServer("crafted", parallel=2) as server:
+        models.write_text(
+            '[[model]]\nname = "sim-a"\nsimulate = "4,0.05"\n'
+            '[[model]]\nname = "sim-b"\nsimulate = "2,0.05"\n'
+            '[[model]]\nname = "sim-c"\nsimulate = "1,0.05"\n'
+            f'[[model]]\nname = "llama"\nbackend = "openai"\napi_base = "{server.url}"\n'
+        )
+        out = subprocess.run(
+            [VLMTAG, "bench", "--compare", str(models), "--count", "6", "--output",
+             str(tmp_path / "report.json")],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    rows = {r["name"]: r for r in report["models"]}
+    assert set(rows) == {"sim-a", "sim-b", "sim-c", "llama"}
+    assert all(r["tagged"] == 6 and r["success_rate"] == 1.0 for r in rows.values()), rows
+    assert rows["llama"]["mean_keywords"] == len(CRAFTED_TAGS)  # it always says the same three
+    assert report["agreement_pairs"]["sim-a ~ llama"] == 0.0
+    assert 0 < report["agreement_pairs"]["sim-a ~ sim-b"] < 1
+    assert out.stdout.splitlines()[0].startswith("model") and "llama" in out.stdout
+
+
 # ---- what a server can be like ------------------------------------------------------------
 
 

@@ -57,7 +57,8 @@ class Settings:
     backend: str = "ollama"
     model: str | None = None
     api_base: list[str] = field(default_factory=list)
-    api_key: str | None = field(default=None, repr=False)
+    # One key for every server, or one per --api-base in its order; never stored or shown.
+    api_keys: list[str] = field(default_factory=list, repr=False)
     workers: int | None = None  # None: the backend's default; 0: auto
     batch_size: int | None = None
     resize: tuple[int, int] | None = (512, 512)
@@ -74,12 +75,29 @@ class Settings:
     num_ctx: int = 8192
     keep_alive: str = "30m"
     preset: str | None = None
+    prompt_file: str | None = None  # prompt templates (models/prompts.py load_templates)
 
     def public(self) -> dict[str, Any]:
         """The settings as stored with a run: never the API key, nor a password in a URL."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_key"}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "api_keys"}
         values["api_base"] = [without_credentials(url) for url in self.api_base]
         return values
+
+
+def keys_for(settings: Settings, urls: list[str]) -> list[str | None]:
+    """The API key each server gets: the one key for all of them, or one each in order;
+    UsageError when the counts do not match (never naming a key)."""
+    keys = settings.api_keys
+    if not keys:
+        return [None] * max(1, len(urls))
+    if len(keys) == 1:
+        return keys * max(1, len(urls))
+    if len(keys) != len(urls):
+        raise UsageError(
+            f"{len(keys)} API keys for {len(urls)} servers; give one key for all of them, "
+            "or one per --api-base, in the same order"
+        )
+    return list(keys)
 
 
 def parse_resize(text: str) -> tuple[int, int] | None:

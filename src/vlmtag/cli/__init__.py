@@ -46,16 +46,20 @@ COMMAND_MODULES: list[tuple[str, list[str]]] = [
     ("vlmtag.cli.find", ["search", "tags", "describe"]),
     ("vlmtag.cli.export", ["export"]),
     ("vlmtag.cli.serve", ["serve", "thumbs"]),
+    ("vlmtag.cli.configured", ["config", "prompts"]),
 ]
 
 
 def _register_commands() -> None:
     from importlib import import_module
 
+    from vlmtag.cli.configured import add_config_options
+
     for module, names in COMMAND_MODULES:
         mod = import_module(module)
         for name in names:
             cli.add_command(getattr(mod, name))
+    add_config_options(cli)  # every command reads the config files (cli/configured.py)
 
 
 def main() -> None:

@@ -67,6 +67,15 @@ MODEL_OPTIONS = [
         "http://localhost:11434 (ollama), http://localhost:8000/v1 (openai).",
     ),
     click.option(
+        "--api-key",
+        "api_key",
+        multiple=True,
+        metavar="KEY",
+        help="API key sent as a bearer token; repeat it, in --api-base's order, for a key "
+        "per server. Default: $OPENAI_API_KEY. Better in a config file as api_key_env = "
+        '"NAME" (the variable that holds it): a flag shows in the process list.',
+    ),
+    click.option(
         "--model-path",
         default=None,
         type=click.Path(),
@@ -113,6 +122,13 @@ MODEL_OPTIONS = [
     ),
     click.option("--language", default=None, help="Language of tags and description: en, zh, ..."),
     click.option(
+        "--prompt-file",
+        default=None,
+        metavar="FILE",
+        help="Your own prompts (TOML, or the seed's prompts.yaml): `vlmtag prompts` prints "
+        "vlmtag's as a file to start from.",
+    ),
+    click.option(
         "--timeout",
         type=NumberRange(1, 86400),
         default=None,
@@ -144,8 +160,8 @@ def settings_from(ctx: click.Context, paths: list[str], flags: dict[str, Any]):
         name
         for name in flags
         if ctx.get_parameter_source(name)
-        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
-    }
+        in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, ParameterSource.DEFAULT_MAP)
+    }  # a flag, a VLMTAG_ variable or a config file: each wins over a preset
     settings = Settings(paths=paths)
     settings.backend = normalise_backend(flags["backend"] or "ollama")
     settings = apply_preset(settings, flags["preset"], explicit)
@@ -156,10 +172,13 @@ def settings_from(ctx: click.Context, paths: list[str], flags: dict[str, Any]):
             value = parse_resize(value)
         elif name == "api_base":
             value = list(value)
+        elif name == "api_key":
+            settings.api_keys = [k.strip() for k in value if k.strip()]
+            continue
         setattr(settings, name, value)
     settings.db = os.path.abspath(settings.db or str(default_db_path()))
     resolve_api_base(settings)  # a URL that is not one is a usage error now, not mid-run
-    if settings.backend == "openai":
-        settings.api_key = os.environ.get("OPENAI_API_KEY") or None
+    if not settings.api_keys and settings.backend == "openai" and os.environ.get("OPENAI_API_KEY"):
+        settings.api_keys = [os.environ["OPENAI_API_KEY"]]
     settings.language = resolve_language(settings.language)
     return settings

@@ -47,7 +47,13 @@ SUMMARY_NOTES = {
 )
 @db_option
 @model_options
-@click.option("--force", is_flag=True, help="Redo images already tagged with these settings.")
+@click.option(
+    "--force",
+    "--reprocess",
+    "force",
+    is_flag=True,
+    help="Redo images already tagged with these settings (--reprocess: the seed's name).",
+)
 @click.option("--retry-failed", is_flag=True, help="Only retry images that failed before.")
 @click.option(
     "--max-pixels",
@@ -178,6 +184,20 @@ def _secs(value: float) -> str:
     help="Use a simulated server with SLOTS parallel slots and SECONDS per request "
     "(no GPU needed), e.g. 4,0.25.",
 )
+@click.option(
+    "--compare",
+    "compare_file",
+    default=None,
+    metavar="FILE",
+    help="Run the same images through each model FILE lists (TOML [[model]] tables, or "
+    "the seed's JSON) and compare them side by side.",
+)
+@click.option(
+    "--output",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Write the report as JSON to this file too.",
+)
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
@@ -187,6 +207,8 @@ def bench(
     image_path: str | None,
     count: int,
     simulate: str | None,
+    compare_file: str | None,
+    output: str | None,
     as_json: bool,
     **flags: Any,
 ) -> None:
@@ -200,7 +222,13 @@ def bench(
 
     settings = settings_from(ctx, [], flags)
     remember_redactor(redactor_for(settings))
-    report = run(run_bench(settings, count, image_path, simulate and parse_simulate(simulate)))
+    simulated = simulate and parse_simulate(simulate)
+    if compare_file:
+        _compare(settings, compare_file, count, image_path, simulated, output, as_json)
+        return
+    report = run(run_bench(settings, count, image_path, simulated))
+    if output:
+        _write_report(output, report)
     if as_json:
         echo_json(report)
         _exit_if_nothing_tagged(report)
@@ -217,6 +245,37 @@ def bench(
             f"(efficiency {report['efficiency']:.0%})"
         )
     _exit_if_nothing_tagged(report)
+
+
+def _compare(settings, path, count, image_path, simulated, output, as_json) -> None:
+    from vlmtag.measure.compare import compare, read_entries, render
+    from vlmtag.run.job import redactor_for
+
+    entries = read_entries(path)
+    redactor = redactor_for(settings)
+    for entry in entries:  # the file's keys are never shown either
+        for key in entry.api_keys:
+            redactor.add(key)
+    remember_redactor(redactor)
+    report = run(compare(settings, entries, count, image_path, simulated))
+    if output:
+        _write_report(output, report)
+    if as_json:
+        echo_json(report)
+    else:
+        for line in render(report):
+            click.echo(redact(line))
+    if not any(row.get("tagged") for row in report["models"]):
+        sys.exit(1)
+
+
+def _write_report(path: str, report: dict[str, Any]) -> None:
+    import json
+
+    from vlmtag.output.files import replacing
+
+    with replacing(path) as out:
+        out.write(redact(json.dumps(report, ensure_ascii=False, indent=2)) + "\n")
 
 
 def _exit_if_nothing_tagged(report: dict[str, Any]) -> None:

@@ -106,9 +106,33 @@ def request_server_seconds(timings: dict[str, Any]) -> float:
     return seconds("load_duration") + seconds("prompt_eval_duration") + seconds("eval_duration")
 
 
+def answers(db: str) -> dict[str, list[str]]:
+    """content id -> the keywords the run's model gave (for comparing models)."""
+    conn = sqlite3.connect(db)
+    try:
+        found: dict[str, list[str]] = {}
+        rows = conn.execute(
+            "SELECT a.content_id, t.tag FROM annotations a JOIN tags t ON t.annotation_id = a.id "
+            "ORDER BY a.content_id, t.position"
+        )
+        for content_id, tag in rows:
+            found.setdefault(content_id, []).append(tag)
+        return found
+    finally:
+        conn.close()
+
+
 async def run_bench(
-    settings: Settings, count: int, image_path: str | None, simulate: tuple[int, float] | None
+    settings: Settings,
+    count: int,
+    image_path: str | None,
+    simulate: tuple[int, float] | None,
+    *,
+    flavour: str = "",
+    keep_answers: bool = False,
 ) -> dict[str, Any]:
+    """One bench run. `flavour` names the simulated model (bench --compare); with
+    `keep_answers` the report holds each image's keywords under "answers"."""
     from vlmtag.measure.simulate import SimulatedProcess
     from vlmtag.run.control import Control, handle_signals
     from vlmtag.run.job import run_tag
@@ -126,7 +150,7 @@ async def run_bench(
         run_settings = replace(settings, paths=[images], db=db, force=True)
         if simulate:
             slots, seconds = simulate
-            with SimulatedProcess(slots, seconds) as sim:
+            with SimulatedProcess(slots, seconds, flavour) as sim:
                 run_settings = replace(
                     run_settings, backend="ollama", model="simulated", api_base=[sim.url]
                 )
@@ -138,6 +162,8 @@ async def run_bench(
         report["images"] = len(paths)
         report["synthetic"] = image_path is None
         report["server_seconds"] = round(server_seconds(db), 3)
+        if keep_answers:
+            report["answers"] = answers(db)
         if simulate:
             slots, seconds = simulate
             ideal = math.ceil(result.tagged / slots) * seconds if result.tagged else 0.0

@@ -96,14 +96,9 @@ async def measure(backend: Backend, request: Request, images: ProbeImages, n: in
 
 async def examine_all(settings: Any, *, measure_parallel: bool = True) -> list[Report]:
     """examine() each server the settings name, one after the other, closing each."""
-    from vlmtag.models.prompts import build_request
-    from vlmtag.run.job import make_backends
+    from vlmtag.run.job import make_backends, request_for
 
-    request = build_request(
-        tag_count=settings.tag_count,
-        description=settings.description is not False,
-        language=settings.language,
-    )
+    request = request_for(settings, settings.description is not False)
     reports = []
     for backend in make_backends(settings):
         try:

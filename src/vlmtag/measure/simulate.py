@@ -49,6 +49,7 @@ WORDS = [
 class SimState:
     slots: int
     seconds: float
+    flavour: str = ""
     max_queue: int = 512  # Ollama's OLLAMA_MAX_QUEUE: past it, 503
     served: int = 0
     active: int = 0
@@ -59,9 +60,15 @@ class SimState:
     semaphore: asyncio.Semaphore | None = None
 
 
-def answer_for(image_b64: str) -> dict:
+def answer_for(image_b64: str, flavour: str = "") -> dict:
+    """Each image its own answer. A flavour (`bench --compare` names each simulated model
+    one) keeps the first three words, which the image alone decides, and draws the other
+    two from the flavour too: simulated models agree on some words, as real ones do."""
     digest = hashlib.sha1(image_b64.encode()).digest()
     tags = [WORDS[b % len(WORDS)] for b in digest[:5]]
+    if flavour:
+        own = hashlib.sha1((flavour + image_b64).encode()).digest()
+        tags = tags[:3] + [WORDS[b % len(WORDS)] for b in own[:2]]
     tags.append("sim-" + digest.hex()[:8])
     return {
         "tags": list(dict.fromkeys(tags)),
@@ -128,7 +135,7 @@ async def _route(state: SimState, method: str, path: str, body: dict) -> tuple[i
         state.waiting = max(0, state.waiting - 1)
         raise
     state.served += 1
-    content = json.dumps(answer_for(image))
+    content = json.dumps(answer_for(image, state.flavour))
     if path == "/api/chat":
         ns = int(state.seconds * 1e9)
         return 200, {
@@ -171,8 +178,10 @@ def _image_of(body: dict) -> str:
     return ""
 
 
-async def serve(slots: int, seconds: float, host: str = "127.0.0.1", port: int = 0) -> None:
-    state = SimState(slots=slots, seconds=seconds)
+async def serve(
+    slots: int, seconds: float, host: str = "127.0.0.1", port: int = 0, flavour: str = ""
+) -> None:
+    state = SimState(slots=slots, seconds=seconds, flavour=flavour)
     state.semaphore = asyncio.Semaphore(slots)
     server = await asyncio.start_server(lambda r, w: _handle(state, r, w), host, port, backlog=1024)
     host, port = server.sockets[0].getsockname()[:2]
@@ -200,8 +209,8 @@ async def serve(slots: int, seconds: float, host: str = "127.0.0.1", port: int =
 class SimulatedProcess:
     """The simulated server in its own process, so it takes no CPU from the client measured."""
 
-    def __init__(self, slots: int, seconds: float):
-        self.slots, self.seconds = slots, seconds
+    def __init__(self, slots: int, seconds: float, flavour: str = ""):
+        self.slots, self.seconds, self.flavour = slots, seconds, flavour
         self.proc: subprocess.Popen | None = None
         self.url = ""
 
@@ -215,6 +224,8 @@ class SimulatedProcess:
                 str(self.slots),
                 "--seconds",
                 str(self.seconds),
+                "--flavour",
+                self.flavour,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -253,8 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=0.25)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--flavour", default="", help="answers of another simulated model")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.slots, args.seconds, args.host, args.port))
+    asyncio.run(serve(args.slots, args.seconds, args.host, args.port, args.flavour))
 
 
 if __name__ == "__main__":

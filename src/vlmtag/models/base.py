@@ -25,6 +25,8 @@ class Backend(Protocol):
       default_workers requests in flight when --workers is not given
       input_box       (w, h) the backend needs images fitted into, overriding --resize
                       (in-process classifiers); None to follow --resize
+      reads_prompt    optional, default True; False for a classifier that answers the
+                      same whatever it is asked (builtin): prompt files do not apply
     """
 
     name: str

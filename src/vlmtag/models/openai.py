@@ -89,10 +89,6 @@ class OpenAIBackend(ServerBackend):
     def normalise_base(url: str) -> str:
         return normalise_base(url)
 
-    def headers(self) -> dict[str, str]:
-        key = self.options.api_key
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
     @property
     def shape(self) -> RequestShape:
         """What this run sends; changes only when the server rejects a field."""
@@ -280,10 +276,12 @@ class OpenAIBackend(ServerBackend):
         if self.options.api_key:
             return (
                 f"the server at {self.shown_url} refused the API key (HTTP {status});"
-                " set OPENAI_API_KEY to a valid key for this server"
+                " give this server's key (--api-key, api_key_env in vlmtag.toml, or "
+                "OPENAI_API_KEY)"
             )
         return (
-            f"the server at {self.shown_url} needs an API key (HTTP {status}); set OPENAI_API_KEY"
+            f"the server at {self.shown_url} needs an API key (HTTP {status}); give it with "
+            "--api-key, api_key_env in vlmtag.toml, or OPENAI_API_KEY"
         )
 
     def chat_payload(

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 from vlmtag.errors import UsageError
@@ -156,14 +158,207 @@ def _prompt_text(*, tag_count: int, description: bool, language: str) -> str:
     return "\n".join(lines)
 
 
+# ---- prompt templates: a person's own words for what to ask ---------------------------------
+
+TEMPLATE_VARIABLES = ("language", "language_name", "tag_count")
+_VARIABLE = re.compile(r"\{(" + "|".join(TEMPLATE_VARIABLES) + r")\}")
+TEMPLATE_TABLES = ("system_prompts", "tag_prompts", "description_prompts")
+DEFAULT = "default"  # the template for a language the file does not name
+
+
+@dataclass(frozen=True)
+class Templates:
+    """Prompt templates from a file: per table (system, tags, description), text per
+    language code or "default". Variables {language}, {language_name}, {tag_count}."""
+
+    source: str
+    system: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    description: dict[str, str] = field(default_factory=dict)
+
+    def pick(self, table: dict[str, str], language: str) -> tuple[str | None, bool]:
+        """(the template for language, whether it was written for that language)."""
+        if language in table:
+            return table[language], True
+        return table.get(DEFAULT), False
+
+
+def load_templates(path: str) -> Templates:
+    """A prompt file: TOML, or the seed system's YAML (system_prompts, tag_prompts,
+    description_prompts, each a mapping of language to text; "default" for the rest)."""
+    import os
+
+    from vlmtag.errors import UsageError
+
+    name = os.path.expanduser(path)
+    try:
+        with open(name, encoding="utf-8") as handle:
+            text = handle.read()
+    except FileNotFoundError:
+        raise UsageError(f"--prompt-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--prompt-file {path}: cannot read it as UTF-8 text ({exc})") from None
+    if name.lower().endswith((".yaml", ".yml")):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected tables {', '.join(TEMPLATE_TABLES)}")
+    tables: dict[str, dict[str, str]] = {}
+    for key, value in data.items():
+        if key not in TEMPLATE_TABLES:
+            raise UsageError(
+                f"{path}: unknown table {key!r}; a prompt file has {', '.join(TEMPLATE_TABLES)}"
+            )
+        if isinstance(value, str):
+            value = {DEFAULT: value}
+        if not isinstance(value, dict):
+            raise UsageError(f"{path}: {key} maps languages (en, zh, default) to text")
+        chosen: dict[str, str] = {}
+        for language, template in value.items():
+            code = DEFAULT if language == DEFAULT else _template_language(path, key, language)
+            if not isinstance(template, str) or not template.strip():
+                raise UsageError(f"{path}: {key}.{language} must be text")
+            _check_braces(path, f"{key}.{language}", template)
+            chosen[code] = template.strip()
+        tables[key] = chosen
+    return Templates(
+        source=path,
+        system=tables.get("system_prompts", {}),
+        tags=tables.get("tag_prompts", {}),
+        description=tables.get("description_prompts", {}),
+    )
+
+
+def _template_language(path: str, table: str, language: Any) -> str:
+    from vlmtag.errors import UsageError
+
+    try:
+        return resolve_language(str(language))
+    except UsageError:
+        raise UsageError(
+            f"{path}: {table} names language {language!r}; use a code like en, zh, or default"
+        ) from None
+
+
+def _check_braces(path: str, where: str, template: str) -> None:
+    """A {name} that is not a variable is most likely a typo ({tagcount}); JSON in a
+    prompt ({"tags": [...]}) is not a name and stays as written."""
+    from vlmtag.errors import UsageError
+
+    for name in re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template):
+        if name not in TEMPLATE_VARIABLES:
+            raise UsageError(
+                f"{path}: {where} has {{{name}}}, which is not a variable; "
+                f"use {', '.join('{' + v + '}' for v in TEMPLATE_VARIABLES)}"
+            )
+
+
+def fill(template: str, *, language: str, tag_count: int) -> str:
+    values = {"language": language, "language_name": LANGUAGES[language], "tag_count": tag_count}
+    return _VARIABLE.sub(lambda m: str(values[m.group(1)]), template)
+
+
+def _templated(
+    templates: Templates, *, tag_count: int, description: bool, language: str
+) -> tuple[str, str]:
+    """(system, prompt) from the templates; what they leave out is vlmtag's own text. The
+    line asking for the JSON answer always comes last: the answer is read as that JSON."""
+    system, _ = templates.pick(templates.system, language)
+    tags, own_tags = templates.pick(templates.tags, language)
+    lines = [
+        fill(tags, language=language, tag_count=tag_count)
+        if tags
+        else "\n".join(_prompt_text(tag_count=tag_count, description=False, language="en")
+                       .splitlines()[:3])
+    ]  # fmt: skip
+    own_description = True
+    if description:
+        words, own_description = templates.pick(templates.description, language)
+        lines.append(
+            fill(words, language=language, tag_count=tag_count)
+            if words
+            else "Description: one or two plain sentences saying what the photo shows. "
+            "No lists, no opinions."
+        )
+        shape = '{"tags": ["...", "..."], "description": "..."}'
+    else:
+        shape = '{"tags": ["...", "..."]}'
+    lines.append(f"Answer ONLY with the JSON object, no other text, in this form: {shape}")
+    if language != "en" and not (own_tags and own_description):
+        # A template written for no language in particular: say which one to answer in.
+        name = LANGUAGES[language]
+        lines.append(
+            f"Write every tag{' and the description' if description else ''} in {name}. "
+            "Keep the JSON keys in English."
+        )
+        lines.append(NATIVE_LINES[language][1 if description else 0])
+    text = fill(system, language=language, tag_count=tag_count) if system else SYSTEM
+    return text, "\n".join(lines)
+
+
+def builtin_templates_toml() -> str:
+    """vlmtag's own prompts as a prompt file to start from (`vlmtag prompts`)."""
+    tags = "\n".join(
+        _prompt_text(tag_count=999, description=False, language="en").splitlines()[:3]
+    ).replace("999", "{tag_count}")
+    desc = (
+        "Description: one or two plain sentences saying what the photo shows. "
+        "No lists, no opinions."
+    )
+    zh_tags = tags + "\n" + NATIVE_LINES["zh"][0]
+    zh_desc = desc + "\n" + NATIVE_LINES["zh"][1]
+    return "\n".join(
+        [
+            "# vlmtag's own prompts, as a prompt file to start from:",
+            "#   vlmtag prompts > prompts.toml; edit; vlmtag tag DIR --prompt-file prompts.toml",
+            "# Each table maps a language (en, zh, ...) or default (every other language) to",
+            "# text. Variables: {language} (zh), {language_name} (Simplified Chinese),",
+            "# {tag_count}. vlmtag adds the line that asks for the JSON answer last, and, for a",
+            "# language the file has no text of its own for, a line saying which language to",
+            "# answer in. Changing the text re-tags only the images asked with it; the old",
+            "# answers are kept. The seed system's prompts.yaml (same tables) works as it is.",
+            "",
+            "[system_prompts]",
+            f"default = {_toml_string(SYSTEM)}",
+            "",
+            "[tag_prompts]",
+            f"default = {_toml_string(tags)}",
+            f"zh = {_toml_string(zh_tags)}",
+            "",
+            "[description_prompts]",
+            f"default = {_toml_string(desc)}",
+            f"zh = {_toml_string(zh_desc)}",
+            "",
+        ]
+    )
+
+
+def _toml_string(text: str) -> str:
+    if "\n" in text:
+        return '"""\n' + text.replace("\\", "\\\\").replace('"""', '\\"""') + '"""'
+    return json.dumps(text, ensure_ascii=False)
+
+
 def build_request(
     *,
     tag_count: int,
     description: bool,
     language: str,
     max_tokens: int | None = None,
+    templates: Templates | None = None,
 ) -> Request:
-    """The request sent for every image of a run."""
+    """The request sent for every image of a run (from the templates, where given)."""
     if isinstance(tag_count, bool) or not isinstance(tag_count, int):
         raise UsageError(f"tag count {tag_count!r} must be a whole number, e.g. 20")
     if not MIN_TAG_COUNT <= tag_count <= MAX_TAG_COUNT:
@@ -178,9 +373,16 @@ def build_request(
     code = resolve_language(language)
     if max_tokens is None:
         max_tokens = default_max_tokens(tag_count=tag_count, description=description)
+    if templates is None:  # vlmtag's own words: byte for byte as before (the prompt key)
+        system = SYSTEM
+        prompt = _prompt_text(tag_count=tag_count, description=description, language=code)
+    else:
+        system, prompt = _templated(
+            templates, tag_count=tag_count, description=description, language=code
+        )
     return Request(
-        prompt=_prompt_text(tag_count=tag_count, description=description, language=code),
-        system=SYSTEM,
+        prompt=prompt,
+        system=system,
         schema=answer_schema(tag_count=tag_count, description=description),
         max_tokens=max_tokens,
         tag_count=tag_count,

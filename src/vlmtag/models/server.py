@@ -60,8 +60,10 @@ class ServerBackend:
         raise NotImplementedError
 
     def headers(self) -> dict[str, str]:
-        """Headers sent with every request (an API key, for instance)."""
-        return {}
+        """Headers sent with every request: the API key as a bearer token, where one is
+        given (OpenAI-compatible servers; Ollama behind a proxy that asks for one)."""
+        key = self.options.api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

@@ -12,11 +12,11 @@ import logging
 import os
 from dataclasses import replace
 
-from vlmtag.config import DEFAULT_MODEL, Settings, resolve_api_base
+from vlmtag.config import DEFAULT_MODEL, Settings, keys_for, resolve_api_base
 from vlmtag.errors import Interrupted, SetupError, UsageError
 from vlmtag.library.db import Store, default_db_path
 from vlmtag.models.base import Backend, BackendOptions, get_backend
-from vlmtag.models.prompts import build_request, prompt_key
+from vlmtag.models.prompts import build_request, load_templates, prompt_key
 from vlmtag.models.published import request_tokens
 from vlmtag.redact import Redactor
 from vlmtag.run.control import Control, handle_signals
@@ -33,12 +33,27 @@ def default_model(backend: str) -> str:
     return {"ollama": DEFAULT_MODEL, "openai": ""}.get(backend, "")
 
 
+def request_for(settings: Settings, description: bool, lead: Backend | None = None):
+    """What each image is asked: vlmtag's prompts, or the --prompt-file's. A classifier
+    (builtin) reads no prompt, so a prompt file changes nothing it does."""
+    templates = None
+    if settings.prompt_file and getattr(lead, "reads_prompt", True):
+        templates = load_templates(settings.prompt_file)
+    return build_request(
+        tag_count=settings.tag_count,
+        description=description,
+        language=settings.language,
+        templates=templates,
+    )
+
+
 def make_backends(settings: Settings) -> list[Backend]:
     """One backend instance per server (several --api-base), or one in-process backend."""
     urls = resolve_api_base(settings)
+    keys = keys_for(settings, urls)
     base = BackendOptions(
         model=settings.model or default_model(settings.backend),
-        api_key=settings.api_key,
+        api_key=keys[0],
         timeout=settings.timeout,
         retries=settings.retries,
         model_path=settings.model_path,
@@ -48,12 +63,15 @@ def make_backends(settings: Settings) -> list[Backend]:
     )
     if not urls:
         return [get_backend(settings.backend, base)]
-    return [get_backend(settings.backend, replace(base, api_base=[url])) for url in urls]
+    return [
+        get_backend(settings.backend, replace(base, api_base=[url], api_key=key))
+        for url, key in zip(urls, keys, strict=True)
+    ]
 
 
 def redactor_for(settings: Settings) -> Redactor:
     """What must never be shown or stored for these settings: the key, URL passwords."""
-    redact = Redactor.from_environment([settings.api_key])
+    redact = Redactor.from_environment(list(settings.api_keys))
     for url in settings.api_base:
         for part in url.split(","):
             redact.add_url(part.strip())
@@ -83,10 +101,8 @@ async def run_tag(
     description = settings.description
     if description is None:
         description = settings.backend not in NO_DESCRIPTION_BY_DEFAULT
-    request = build_request(
-        tag_count=settings.tag_count, description=description, language=settings.language
-    )
     backends = make_backends(settings)
+    request = request_for(settings, description, backends[0])
     control = control or Control()
     # The store hears the stop too: a wait for a locked database to take the run's row
     # ends at Ctrl-C, and in a hurry the run's last row is tried only once.
