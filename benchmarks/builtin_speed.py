@@ -231,16 +231,15 @@ def _inputs(image_path: Path | None, count: int, tmp: Path) -> list[Path]:
         out = tmp / f"photo{i}.jpg"
         big.save(out, quality=92)
         made.append(out)
-    # Copies made distinct by a JPEG comment right after the start marker: same pixels and
-    # decode cost, but a different content hash, so the real pipeline tags every one.
+    # Copies made distinct by bytes after the end-of-image marker: same pixels and decode
+    # cost, but a different content hash, so the real pipeline tags every one. (A JPEG
+    # comment would not do: the content hash leaves out metadata, comments included.)
     files = []
     for i in range(count):
         data = made[i % len(made)].read_bytes()
-        comment = f"vlmtag benchmark copy {i}".encode()
-        segment = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
         copy = tmp / "photos" / f"img{i:04d}.jpg"
         copy.parent.mkdir(exist_ok=True)
-        copy.write_bytes(data[:2] + segment + data[2:])
+        copy.write_bytes(data + f"vlmtag benchmark copy {i}".encode())
         files.append(copy)
     return files
 

@@ -291,6 +291,45 @@ def test_classifies_real_photos(backend, photos_dir):
         assert '"classes"' in reply.text
 
 
+def test_faces_make_people_keywords_first(backend, photos_dir):
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    hopper, astronaut, cat = _run(
+        backend,
+        [_prepare(photos_dir / "grace-hopper.jpg"), _prepare(examples / "astronaut.jpg"),
+         _prepare(photos_dir / "chelsea.jpg")],
+    )  # fmt: skip
+    for reply in (hopper, astronaut):
+        assert _tags(reply)[:2] == ["person", "face"], _tags(reply)
+        assert "portrait" in _tags(reply)  # one face, large in the picture
+    assert _tags(hopper).index("person") < _tags(hopper).index("clothing")
+    assert not {"person", "face", "portrait"} & set(_tags(cat))
+    chinese = _run(backend, [_prepare(photos_dir / "grace-hopper.jpg")], _request(language="zh"))
+    assert {"人", "人脸", "肖像"} <= set(_tags(chinese[0]))
+
+
+def test_people_keywords_from_faces():
+    from vlmtag.models.faces import Face, people_tags
+
+    assert people_tags([], (256, 200)) == []
+    one_small = people_tags([Face(10, 10, 24, 24)], (256, 200))
+    assert [t for t, _ in one_small] == ["person", "face"]
+    one_large = people_tags([Face(10, 10, 60, 60)], (256, 200))
+    assert [t for t, _ in one_large] == ["person", "face", "portrait"]
+    group = people_tags([Face(0, 0, 60, 60), Face(100, 0, 60, 60)], (256, 200))
+    assert [t for t, _ in group] == ["person", "face", "people"]
+
+
+def test_no_face_search_for_a_confident_cat():
+    from vlmtag.models.builtin import might_show_people
+
+    tags = load_class_tags()
+    tabby = next(i for i, name in enumerate(tags.names) if name.startswith("tabby"))
+    suit = next(i for i, name in enumerate(tags.names) if name.startswith("suit"))
+    assert not might_show_people([(tabby, 0.9)], tags)
+    assert might_show_people([(tabby, 0.1)], tags)  # unsure: maybe a person
+    assert might_show_people([(tabby, 0.6), (suit, 0.1)], tags)  # clothes are worn
+
+
 def test_cat_is_the_most_confident_subject(backend, photos_dir):
     (reply,) = _run(backend, [_prepare(photos_dir / "chelsea.jpg")])
     tags = dict(reply.tags)

@@ -133,10 +133,10 @@ def build_bad_folder(root: Path) -> Folder:
     Image.new("I;16", SIZE, grey * 257).save(root / "sixteen-bit.png")
     f.good[key(root / "sixteen-bit.png")] = (fingerprint_for_rgb((grey, grey, grey)), SIZE)
 
-    palette = Image.new("P", SIZE, 0)  # palette PNG, every pixel see-through: white
+    palette = Image.new("P", SIZE, 0)  # palette PNG, every pixel see-through: grey
     palette.putpalette([200, 40, 40] + [0, 0, 0] * 255)
     palette.save(root / "palette-transparent.png", transparency=0)
-    f.good[key(root / "palette-transparent.png")] = (fingerprint_for_rgb((255, 255, 255)), SIZE)
+    f.good[key(root / "palette-transparent.png")] = (fingerprint_for_rgb((128, 128, 128)), SIZE)
 
     for fmt, options in (("gif", {}), ("webp", {"lossless": True})):  # first frame counts
         first, second = f.colour(), f.colour()

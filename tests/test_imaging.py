@@ -28,6 +28,7 @@ GRID = [
     [(240, 240, 40), (40, 230, 230), (230, 40, 230)],
 ]
 RED, WHITE, BLACK = (255, 0, 0), (255, 255, 255), (0, 0, 0)
+GREY = (128, 128, 128)  # what transparency becomes (imaging.BACKGROUND)
 
 
 def grid_image(cell: int = 16) -> Image.Image:
@@ -266,32 +267,32 @@ def half_transparent_red(mode: str) -> Image.Image:
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
-def test_rgba_composites_on_white(fmt):
+def test_rgba_composites_on_grey(fmt):
     result = prepare(encoded(half_transparent_red("RGBA"), fmt, lossless=True), None)
     im = decode(result.data)
     assert close(im.getpixel((5, 10)), RED)
-    assert close(im.getpixel((35, 10)), WHITE)
+    assert close(im.getpixel((35, 10)), GREY)
 
 
-def test_la_composites_on_white():
+def test_la_composites_on_grey():
     im = Image.new("LA", (40, 20), (0, 0))
     im.paste((0, 255), (0, 0, 20, 20))  # opaque black left, transparent black right
     out = decode(prepare(encoded(im, "PNG"), None).data)
     assert close(out.getpixel((5, 10)), BLACK)
-    assert close(out.getpixel((35, 10)), WHITE)
+    assert close(out.getpixel((35, 10)), GREY)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
-def test_single_transparent_colour_becomes_white(mode):
+def test_single_transparent_colour_becomes_grey(mode):
     im = Image.new(mode, (40, 20), 0)
     im.paste(100 if mode == "L" else (100, 100, 100), (0, 0, 20, 20))
     data = encoded(im, "PNG", transparency=0 if mode == "L" else (0, 0, 0))
     out = decode(prepare(data, None).data)
     assert close(out.getpixel((5, 10)), (100, 100, 100), 8)
-    assert close(out.getpixel((35, 10)), WHITE, 8)
+    assert close(out.getpixel((35, 10)), GREY, 8)
 
 
-def test_palette_with_transparency_composites_on_white():
+def test_palette_with_transparency_composites_on_grey():
     im = Image.new("P", (40, 20), 0)
     im.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
     im.paste(1, (0, 0, 20, 20))
@@ -300,7 +301,7 @@ def test_palette_with_transparency_composites_on_white():
     out = decode(prepare(data, (20, 20)).data)
     assert out.size == (20, 10)
     assert close(out.getpixel((4, 5)), RED)
-    assert close(out.getpixel((16, 5)), WHITE)
+    assert close(out.getpixel((16, 5)), GREY)
 
 
 def test_palette_without_transparency_keeps_colours():
@@ -377,13 +378,23 @@ def test_real_grey_photo_becomes_rgb(photos_dir):
     assert result.pixels is not None and result.pixels.mode == "RGB"
 
 
-def test_real_rgba_drawing_has_white_background(photos_dir):
+def test_real_rgba_drawing_keeps_its_subject(photos_dir):
     horse = Image.open(photos_dir / "horse.png")
-    # Its background is white at alpha 110: on black it would come out grey (110, 110, 110).
+    # Its background is white at alpha 110: over grey, (255*110 + 128*145) / 255 = 183.
     assert horse.mode == "RGBA" and horse.getpixel((0, 0)) == (255, 255, 255, 110)
     out = decode(prepare(photos_dir / "horse.png", None).data)
-    assert close(out.getpixel((0, 0)), WHITE, 8)
+    assert close(out.getpixel((0, 0)), (183, 183, 183), 8)
     assert close(out.getpixel((200, 160)), BLACK, 8)
+
+
+def test_a_white_subject_cut_out_on_transparency_stays_visible():
+    # A white flower on a transparent background: on white it would vanish.
+    im = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    im.paste((250, 250, 250, 255), (10, 10, 30, 30))
+    out = decode(prepare(encoded(im, "PNG"), None).data)
+    flower, around = out.getpixel((20, 20)), out.getpixel((2, 2))
+    assert close(flower, (250, 250, 250), 8) and close(around, GREY, 8)
+    assert flower[0] - around[0] > 100
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP"])

@@ -27,7 +27,10 @@ DEFAULT_MAX_PIXELS = 100_000_000
 # changes nothing there; it is for PNG/TIFF/WebP/HEIC, which have no draft. 2.0 is also what
 # Image.thumbnail uses, and the difference is invisible at model input sizes.
 REDUCING_GAP = 2.0
-BACKGROUND = (255, 255, 255)  # transparent pixels become white, as most viewers show them
+# Transparent pixels become a neutral grey: on white a white flower cut out on transparency
+# loses its subject, on black a black silhouette does; grey keeps both (and any model reads
+# a plain grey as background).
+BACKGROUND = (128, 128, 128)
 
 _ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that makes the stored pixels upright (as ImageOps does).
@@ -167,7 +170,7 @@ def _prepare_image(
     if orientation in _UPRIGHT:
         pixels = pixels.transpose(_UPRIGHT[orientation])  # after shrinking: 0.4 ms, not 33
 
-    # Always JPEG: alpha is already flattened onto white, and a VLM sees no difference
+    # Always JPEG: alpha is already flattened onto grey, and a VLM sees no difference
     # between PNG and a q90 JPEG at model input sizes, while PNG costs 5-10x the bytes.
     out = io.BytesIO()
     pixels.save(out, format="JPEG", quality=quality)

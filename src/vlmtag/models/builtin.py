@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from vlmtag.errors import InferenceError, SetupError, UsageError
 from vlmtag.models.base import BackendOptions
 from vlmtag.models.colours import dominant_colours
+from vlmtag.models.faces import FaceFinder, people_tags
 from vlmtag.models.inprocess import InProcessBackend, cores, error_line, installed, pixels_of
 from vlmtag.types import PreparedImage, Reply, Request
 
@@ -128,15 +129,33 @@ def tags_from_classes(
     ]
 
 
+def might_show_people(top: list[tuple[int, float]], class_tags: ClassTags) -> bool:
+    """Whether to look for faces: the classifier is unsure (ImageNet has no person class,
+    so photos of people often score low), or a likely class says person or clothing. A cat
+    or a coffee cup costs no face search."""
+    if not top or top[0][1] < MIN_TOP_PROBABILITY:
+        return True
+    return any(
+        probability >= MIN_CLASS_PROBABILITY
+        and ("person" in class_tags.tags[index] or "clothing" in class_tags.tags[index])
+        for index, probability in top[:TOP_CLASSES]
+    )
+
+
 def make_reply(
     top: list[tuple[int, float]],
     pixels: Image,
     source_size: tuple[int, int],
     request: Request,
     class_tags: ClassTags,
+    people: list[tuple[str, float]] | None = None,
 ) -> Reply:
-    """Tags (subjects, then colours) and the opt-in description for one image."""
+    """Tags (people, subjects, then colours) and the opt-in description for one image.
+    People come first: a face says more of a photo than the jacket the classifier saw."""
     subjects = tags_from_classes(top, class_tags)
+    if people:
+        said = {tag for tag, _ in people}
+        subjects = [*people, *(s for s in subjects if s[0] not in said)]
     colours = [(name, _confidence(share)) for name, share in dominant_colours(pixels)]
     english = [*subjects, *colours]
     tags = _translated(english, request.language, class_tags)[: max(0, request.tag_count)]
@@ -156,6 +175,7 @@ class BuiltinBackend(InProcessBackend):
     name = "builtin"
     model = MODEL_NAME
     wants_pixels = True
+    reads_prompt = False  # a classifier: what it is asked changes nothing
     default_workers = 1
     input_box: tuple[int, int] | None = INPUT_BOX
 
@@ -202,10 +222,13 @@ class BuiltinBackend(InProcessBackend):
 class _Classifier:
     """The loaded network and how one batch of images goes through it."""
 
-    def __init__(self, torch: Any, network: Any, class_tags: ClassTags):
+    def __init__(
+        self, torch: Any, network: Any, class_tags: ClassTags, faces: FaceFinder | None = None
+    ):
         self._torch = torch
         self._network = network
         self._class_tags = class_tags
+        self._faces = faces
         self._lock = threading.Lock()
 
     @classmethod
@@ -240,7 +263,7 @@ class _Classifier:
                 f" {WEIGHTS_FIX}"
             ) from exc
         network = optimise_for_inference(torch, network.eval())
-        return cls(torch, network, load_class_tags())
+        return cls(torch, network, load_class_tags(), FaceFinder.load())
 
     def run_batch(self, images: list[PreparedImage], request: Request) -> list[Reply | Exception]:
         results: list[Reply | Exception] = [InferenceError("not run")] * len(images)
@@ -270,10 +293,22 @@ class _Classifier:
             size = (image.source_width, image.source_height)
             if size[0] <= 0 or size[1] <= 0:
                 size = pixels[i].size
-            reply = make_reply(top, pixels[i], size, request, self._class_tags)
+            reply = make_reply(
+                top, pixels[i], size, request, self._class_tags, self.people_in(top, pixels[i])
+            )
             reply.timings["total_duration"] = share
             results[i] = reply
         return results
+
+    def people_in(self, top: list[tuple[int, float]], picture: Image) -> list[tuple[str, float]]:
+        """person / face / portrait / people keywords, where faces may be and are found."""
+        if self._faces is None or not might_show_people(top, self._class_tags):
+            return []
+        try:
+            faces, size = self._faces.find(picture)
+        except Exception:  # noqa: BLE001 - a face search that fails leaves the classes
+            return []
+        return people_tags(faces, size)
 
     def classify(self, crops: list[Image]) -> list[list[tuple[int, float]]]:
         """(class index, probability) of the most likely classes per 224x224 RGB crop."""
