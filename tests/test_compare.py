@@ -93,3 +93,33 @@ def test_agreement_and_language_share_are_what_the_answers_say():
     assert x["in_language"] == 0.5 and y["in_language"] == 1.0  # "狗, dog": half is not "most"
     assert y["success_rate"] == 0.5 and x["mean_keywords"] == 2.0
     assert jaccard([], []) == 1.0 and jaccard(["A"], ["a"]) == 1.0
+
+
+def test_models_as_groups_of_flags(tmp_path):
+    from vlmtag.cli.tag import split_groups
+
+    groups, rest = split_groups(
+        ["--count", "3", "--backend", "openai", "--api-base", "http://a", "--api-key", "k1",
+         "--model=m1", "--backend", "ollama", "--model", "m2", "--model", "m3", "--json"]
+    )  # fmt: skip
+    assert rest == ["--count", "3", "--json"]
+    assert groups == [
+        {"backend": "openai", "api_base": ["http://a"], "api_key": ["k1"], "model": "m1"},
+        {"backend": "ollama", "model": "m2"},
+        {"model": "m3"},
+    ]
+    pics = tmp_path / "pics"
+    paint_folder(pics, 4)
+    with FakeServer(api_key=SECRET) as one, FakeServer() as two:
+        out = bench("--image-path", str(pics), "--count", "4", "--json",
+                    "--backend", "openai", "--api-base", one.url, "--api-key", SECRET,
+                    "--model", "qwen3-vl:4b",
+                    "--backend", "ollama", "--api-base", two.url, "--model", "qwen3-vl:4b",
+                    cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert [r["backend"] for r in report["models"]] == ["openai", "ollama"]
+    assert all(r["tagged"] == 4 for r in report["models"])
+    # the same loopback answers through both protocols: they agree on every keyword
+    assert list(report["agreement_pairs"].values()) == [1.0]
+    assert SECRET not in out.stdout + out.stderr

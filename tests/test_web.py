@@ -161,6 +161,14 @@ def test_the_guard(db_copy, tmp_path):
         assert (
             web.post("/api/decide", json=body, headers={"x-vlmtag-token": token}).status_code == 403
         )
+        for path in ("/api/vocab", "/api/undo", "/api/describe"):
+            assert web.post(path, json={}, headers={"x-vlmtag-token": token}).status_code == 403
+        # a download changes nothing: served; sidecars would write files: refused
+        got = web.post("/api/export", json={"format": "csv"}, headers={"x-vlmtag-token": token})
+        assert got.status_code == 200 and got.text.count("\n") == 91  # header + 90
+        xmp = web.post("/api/export", json={"format": "xmp"}, headers={"x-vlmtag-token": token})
+        assert xmp.status_code == 403 and "read-only" in xmp.json()["error"]
+        assert web.post("/api/export", json={"format": "csv"}).status_code == 403  # no token
     with client(db, tmp_path, host="0.0.0.0", access_token="sesame") as web:
         assert web.get("/").status_code == 401
         assert web.get("/?token=sesame").status_code == 200

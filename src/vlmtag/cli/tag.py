@@ -169,7 +169,56 @@ def _secs(value: float) -> str:
     return f"{value * 1000:.1f}ms" if value < 1 else f"{value:.2f}s"
 
 
-@click.command()
+# The flags that name one model; in `bench` given more than once, they make groups to compare.
+GROUP_FLAGS = {
+    "--backend": "backend",
+    "--model-type": "backend",
+    "--model": "model",
+    "--api-base": "api_base",
+    "--api-key": "api_key",
+    "--model-path": "model_path",
+}
+
+
+class BenchCommand(click.Command):
+    """`bench` with several models on its command line: each --backend (or a --model after
+    a group already has one) starts a group; the groups are compared as --compare's are."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        groups, rest = split_groups(args)
+        if len(groups) > 1:
+            ctx.meta["vlmtag.bench_groups"] = groups
+            args = rest
+        return super().parse_args(ctx, args)
+
+
+def split_groups(args: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(the model groups, the other arguments); one group or none: nothing to split."""
+    groups: list[dict[str, Any]] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in GROUP_FLAGS and (eq or i + 1 < len(args)):
+            if not eq:
+                value = args[i + 1]
+                i += 1
+            name = GROUP_FLAGS[flag]
+            opens = name == "backend" or (name == "model" and groups and "model" in groups[-1])
+            if not groups or opens:
+                groups.append({})
+            if name in ("api_base", "api_key"):
+                groups[-1].setdefault(name, []).append(value)
+            else:
+                groups[-1][name] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return groups, rest
+
+
+@click.command(cls=BenchCommand)
 @click.option(
     "--image-path",
     type=click.Path(),
@@ -223,8 +272,13 @@ def bench(
     settings = settings_from(ctx, [], flags)
     remember_redactor(redactor_for(settings))
     simulated = simulate and parse_simulate(simulate)
-    if compare_file:
-        _compare(settings, compare_file, count, image_path, simulated, output, as_json)
+    groups = ctx.meta.get("vlmtag.bench_groups")
+    if compare_file or groups:
+        if compare_file and groups:
+            from vlmtag.errors import UsageError
+
+            raise UsageError("compare the models of --compare FILE or of the flags, not both")
+        _compare(settings, compare_file or groups, count, image_path, simulated, output, as_json)
         return
     report = run(run_bench(settings, count, image_path, simulated))
     if output:
@@ -248,10 +302,10 @@ def bench(
 
 
 def _compare(settings, path, count, image_path, simulated, output, as_json) -> None:
-    from vlmtag.measure.compare import compare, read_entries, render
+    from vlmtag.measure.compare import compare, entries_of_groups, read_entries, render
     from vlmtag.run.job import redactor_for
 
-    entries = read_entries(path)
+    entries = read_entries(path) if isinstance(path, str) else entries_of_groups(path)
     redactor = redactor_for(settings)
     for entry in entries:  # the file's keys are never shown either
         for key in entry.api_keys:

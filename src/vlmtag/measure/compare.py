@@ -125,6 +125,27 @@ def read_entries(path: str) -> list[Entry]:
     return entries
 
 
+def entries_of_groups(groups: list[dict[str, Any]]) -> list[Entry]:
+    """Models given as flag groups on bench's command line (--backend, --model, ...)."""
+    entries = []
+    for n, group in enumerate(groups, 1):
+        backend = normalise_backend(group["backend"]) if group.get("backend") else None
+        name = group.get("model") or backend or f"model {n}"
+        if name in {e.name for e in entries}:
+            name = f"{name} ({n})"
+        entries.append(
+            Entry(
+                name=name,
+                backend=backend,
+                model=group.get("model"),
+                api_base=list(group.get("api_base", [])),
+                api_keys=list(group.get("api_key", [])),
+                model_path=group.get("model_path"),
+            )
+        )
+    return entries
+
+
 def settings_for(base: Settings, entry: Entry) -> Settings:
     """The bench's settings (flags, config) with what the entry names in their place."""
     changes: dict[str, Any] = {}

@@ -253,7 +253,7 @@ class WebApp:
         body = await read_json(request)
         if isinstance(body, Response):
             return body
-        ids = self.chosenids_of(request, body)
+        ids = self.chosen_ids(request, body)
         if isinstance(ids, Response):
             return ids
         action, keywords = body.get("action"), body.get("keywords")
@@ -270,14 +270,14 @@ class WebApp:
             return JSONResponse({"error": printable(str(exc))}, 400)
         return JSONResponse({"changed": changed, "images": len(ids)})
 
-    def chosenids_of(self, request: Request, body: dict[str, Any]) -> list[str] | Response:
+    def chosen_ids(self, request: Request, body: dict[str, Any]) -> list[str] | Response:
         """The pictures a change or a summary is about: `ids` (each one the library has),
         or with `all` every image of the grid's filters and query, less `except`."""
         if body.get("all") is True:
             if request.query_params.get("show") == "failed":
                 return JSONResponse({"error": "failed images cannot be given keywords"}, 400)
             try:
-                ids = self.gridids_of(request, at_most=MAX_SELECTION + 1)
+                ids = self.grid_ids(request, at_most=MAX_SELECTION + 1)
             except UsageError as exc:
                 return JSONResponse({"error": printable(str(exc))}, 400)
             if len(ids) > MAX_SELECTION:
@@ -302,7 +302,7 @@ class WebApp:
         body = await read_json(request)
         if isinstance(body, Response):
             return body
-        ids = self.chosenids_of(request, body)
+        ids = self.chosen_ids(request, body)
         if isinstance(ids, Response):
             return ids
         counts: dict[str, list[Any]] = {}
@@ -341,7 +341,7 @@ class WebApp:
         body = await read_json(request)
         if isinstance(body, Response):
             return body
-        ids, text = self.chosenids_of(request, {"ids": body.get("ids")}), body.get("text")
+        ids, text = self.chosen_ids(request, {"ids": body.get("ids")}), body.get("text")
         if isinstance(ids, Response):
             return ids
         if not isinstance(text, str):
@@ -385,6 +385,11 @@ class WebApp:
         if isinstance(body, Response):
             return body
         fmt = body.get("format")
+        if self.guard.read_only and fmt not in STREAM_FORMATS:
+            return JSONResponse(
+                {"error": "this server was started with --read-only: XMP and .txt exports "
+                 "write files; download CSV or JSON instead"}, 403,
+            )  # fmt: skip
         if fmt not in EXPORT_FORMATS:
             return JSONResponse(
                 {"error": f"format must be one of {', '.join(EXPORT_FORMATS)}"}, 400
@@ -392,9 +397,9 @@ class WebApp:
         given = body.get("ids")
         try:
             if given in (None, []):  # nothing selected: every image of the grid's view
-                ids = self.gridids_of(request)
+                ids = self.grid_ids(request)
             else:
-                chosen = self.chosenids_of(request, {"ids": given})
+                chosen = self.chosen_ids(request, {"ids": given})
                 if isinstance(chosen, Response):
                     return chosen
                 ids = set(chosen)
@@ -415,7 +420,7 @@ class WebApp:
             counts[outcome.action] = counts.get(outcome.action, 0) + 1
         return JSONResponse({"written": counts})
 
-    def gridids_of(self, request: Request, at_most: int | None = None) -> set[str]:
+    def grid_ids(self, request: Request, at_most: int | None = None) -> set[str]:
         """The content ids of every image the grid shows for the request's filters (a
         semantic search's too; at most `at_most`, where given)."""
         q = request.query_params

@@ -3,7 +3,8 @@
 - The Host header must name this server (a DNS-rebinding page names its own host): 400.
 - A change (POST) must come from this app's own page: Sec-Fetch-Site same-origin (or none),
   an Origin that is this server, and the per-launch token the page carries: else 403.
-  --read-only serves no change at all.
+  --read-only serves no change at all (an export download or a selection summary, which
+  change nothing, still work).
 - Served on another interface than loopback, every request needs the access token (in the
   URL once, then a cookie): 401 without it.
 - Every answer forbids framing and carries a strict Content-Security-Policy.
@@ -38,6 +39,9 @@ HEADERS = [
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 COOKIE = "vlmtag_access"
 SAFE_METHODS = {"GET", "HEAD"}
+# POSTs that change nothing (their bodies are too large for a URL): served with --read-only
+# too, with the same origin and token checks. The export refuses its file-writing formats.
+READ_ONLY_POSTS = frozenset({"/api/export", "/api/selection", "/api/keywords"})
 
 
 @dataclass
@@ -94,7 +98,7 @@ def _refusal(scope: Scope, headers: dict[str, str], guard: Guard) -> tuple[int, 
         return 401, "open the address with ?token=... as `vlmtag serve` printed it"
     if scope["method"] in SAFE_METHODS:
         return None
-    if guard.read_only:
+    if guard.read_only and scope.get("path") not in READ_ONLY_POSTS:
         return 403, "this server was started with --read-only: nothing can be changed"
     site = headers.get("sec-fetch-site")
     if site is not None and site not in ("same-origin", "none"):

@@ -2,9 +2,6 @@
 // Every text from the database goes in with textContent: a model that answers <script> shows text.
 "use strict";
 
-const config = JSON.parse(document.getElementById("config").textContent);
-const W = config.words;
-const $ = (id) => document.getElementById(id);
 const MAX_TILES = 1200; // tiles kept in the page; the farthest pages go when there are more
 const state = { tiles: [], after: null, loading: false, done: false, index: -1, focus: -1,
   selected: new Set(), allResults: false, excluded: new Set(), total: null, anchor: -1, generation: 0,
@@ -38,24 +35,6 @@ function setParam(key, value, many) {
   p.delete("lang");
   history.pushState(null, "", "?" + p.toString());
   reload();
-}
-
-async function post(path, body) {
-  const response = await fetch(path, {
-    method: "POST", credentials: "same-origin",
-    headers: { "content-type": "application/json", "x-vlmtag-token": config.token },
-    body: JSON.stringify(body),
-  });
-  const answer = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(answer.error || response.statusText);
-  return answer;
-}
-
-function el(tag, attrs, text) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  if (text !== undefined && text !== null) node.textContent = text;
-  return node;
 }
 
 // ---- the grid ----------------------------------------------------------------------------
@@ -537,7 +516,13 @@ $("desc-form").addEventListener("submit", async (event) => {
     status(W.saved); await showDetails(targets()[0]);
   } catch (error) { status(`${W.error}: ${error.message}`, true); }
 });
-if (config.readOnly) for (const id of ["accept-all", "undo", "add-form", "desc-edit", "export", "grid-undo", "select-all"]) $(id).hidden = true;
+if (config.readOnly) {
+  for (const id of ["accept-all", "undo", "add-form", "desc-edit", "grid-undo", "select-all"]) $(id).hidden = true;
+  // A download changes nothing; sidecars and captions would write beside the pictures.
+  for (const option of $("export-format").querySelectorAll("option")) {
+    if (["xmp", "txt"].includes(option.value)) option.remove();
+  }
+}
 window.addEventListener("popstate", reload);
 new IntersectionObserver((entries) => { if (entries.some((e) => e.isIntersecting)) loadMore(); },
   { rootMargin: "800px" }).observe($("sentinel"));

@@ -2,28 +2,7 @@
 // Keywords come from models: every one goes in with textContent.
 "use strict";
 
-const config = JSON.parse(document.getElementById("config").textContent);
-const W = config.words;
-const $ = (id) => document.getElementById(id);
 const chosen = new Set();
-
-function el(tag, attrs, text) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs || {})) node.setAttribute(k, v);
-  if (text !== undefined && text !== null) node.textContent = text;
-  return node;
-}
-
-async function post(path, body) {
-  const response = await fetch(path, {
-    method: "POST", credentials: "same-origin",
-    headers: { "content-type": "application/json", "x-vlmtag-token": config.token },
-    body: JSON.stringify(body),
-  });
-  const answer = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(answer.error || response.statusText);
-  return answer;
-}
 
 function say(text, bad) { const s = $("tag-status"); s.textContent = text; s.style.color = bad ? "#b3261e" : ""; }
 
