@@ -303,6 +303,20 @@ def test_faces_make_people_keywords_first(backend, photos_dir):
         assert "portrait" in _tags(reply)  # one face, large in the picture
     assert _tags(hopper).index("person") < _tags(hopper).index("clothing")
     assert not {"person", "face", "portrait"} & set(_tags(cat))
+    # the same portrait saved again at other qualities, sizes and mirrored: still a person
+    import io
+
+    source = Image.open(examples / "astronaut.jpg").convert("RGB")
+    variants = []
+    for quality, size, mirror in ((75, None, False), (60, 256, False), (90, None, True)):
+        im = source.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else source
+        if size:
+            im = im.resize((size, size))
+        buffer = io.BytesIO()
+        im.save(buffer, "JPEG", quality=quality)
+        variants.append(imaging.prepare(buffer.getvalue(), INPUT_BOX, keep_pixels=True))
+    for reply in _run(backend, variants):
+        assert "person" in _tags(reply), _tags(reply)
     chinese = _run(backend, [_prepare(photos_dir / "grace-hopper.jpg")], _request(language="zh"))
     assert {"人", "人脸", "肖像"} <= set(_tags(chinese[0]))
 
@@ -327,6 +341,7 @@ def test_no_face_search_for_a_confident_cat():
     suit = next(i for i, name in enumerate(tags.names) if name.startswith("suit"))
     assert not might_show_people([(tabby, 0.9)], tags)
     assert might_show_people([(tabby, 0.1)], tags)  # unsure: maybe a person
+    assert might_show_people([(tabby, 0.3)], tags)  # not sure of one thing either
     assert might_show_people([(tabby, 0.6), (suit, 0.1)], tags)  # clothes are worn
 
 

@@ -77,13 +77,14 @@ def test_profiles_and_command_tables(tmp_path):
         "[profile.gpu-box.tag]\nworkers = 16\n"
     )
     plain = settings(tmp_path)
-    assert plain["model"][0] == "qwen3-vl:8b" and plain["db"][0] == "lib.db"
+    assert plain["model"][0] == "qwen3-vl:8b" and plain["db"][0] == str(tmp_path / "lib.db")
     assert plain["backend"][0] == "ollama"
     boxed = settings(tmp_path, "--profile", "gpu-box")
     assert boxed["backend"][0] == "openai" and boxed["workers"][0] == 16
     assert boxed["api_base"][0] == ["http://a:8000/v1", "http://b:8000/v1"]
     assert settings(tmp_path, "serve")["port"][0] == 9000
-    assert settings(tmp_path, "serve", env={"VLMTAG_PROFILE": "gpu-box"})["db"][0] == "lib.db"
+    served = settings(tmp_path, "serve", env={"VLMTAG_PROFILE": "gpu-box"})
+    assert served["db"][0].endswith("lib.db")
     missing = run("tag", ".", "--profile", "laptop", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "[profile.laptop]" in missing.stderr and "gpu-box" in missing.stderr
@@ -187,3 +188,52 @@ def test_a_key_for_each_server(tmp_path):
                          "--api-key", "a", "--api-key", "b", "--api-key", "c", "--db", "x.db",
                          *common, cwd=tmp_path)  # fmt: skip
         assert mismatched.returncode == 2 and "3 API keys for 2 servers" in mismatched.stderr
+
+
+def test_what_a_new_user_got_wrong_is_caught(tmp_path):
+    # a profile wins over the rest of its file, its command table included
+    (tmp_path / "vlmtag.toml").write_text(
+        'language = "de"\n[tag]\nworkers = 4\n[profile.p]\nworkers = 32\n'
+    )
+    assert settings(tmp_path, "--profile", "p")["workers"][0] == 32
+    assert settings(tmp_path)["workers"][0] == 4
+    # a top-level language is what `tag` writes in, not a filter of what `export` reads
+    assert settings(tmp_path, "export")["language"] == (None, "default")
+    assert settings(tmp_path)["language"][0] == "de"
+    # values the run would refuse naming a flag nobody typed, refused naming the file
+    for text, said in (
+        ('resize = "banana"', "not a size"),
+        ('language = "xx"', "unknown language"),
+        ('backend = "nope"', "no backend"),
+        ("tag_count = true", "yes/no"),
+        ("model = [1, 2]", "a list"),
+        ("api_key = 42", "a key is text"),
+        ('prompt_file = "nowhere.toml"', "no prompt file"),
+    ):
+        (tmp_path / "vlmtag.toml").write_text(text + "\n")
+        out = run("config", cwd=tmp_path)
+        assert out.returncode == 2 and "vlmtag.toml:1" in out.stderr and said in out.stderr, (
+            text, out.stderr,
+        )  # fmt: skip
+    # a key put where it does not belong is never repeated
+    pasted = "sk-proj-PASTEDkey0123456789abc"
+    for text in (f'api_key_env = "{pasted}"', f'tag_count = "{pasted}"'):
+        (tmp_path / "vlmtag.toml").write_text(text + "\n")
+        out = run("config", cwd=tmp_path)
+        assert out.returncode == 2 and pasted not in out.stderr and pasted[3:15] not in out.stderr
+    (tmp_path / "vlmtag.toml").unlink()
+    # relative paths in a file are the file's folder's
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "config.yaml").write_text("db_path: lib.db\nimage_path: photos\n")
+    found = settings(tmp_path, "--config", "sub/config.yaml")
+    assert found["db"][0] == str(tmp_path / "sub" / "lib.db")
+    assert found["image_paths"][0] == [str(tmp_path / "sub" / "photos")]
+    # a huge file or a folder is not a config
+    (tmp_path / "big.toml").write_text("model = '" + "x" * 2_000_000 + "'\n")
+    big = run("config", "--config", "big.toml", cwd=tmp_path)
+    assert big.returncode == 2 and "not a config file" in big.stderr and len(big.stderr) < 300
+    assert "is a folder" in run("config", "--config", "sub", cwd=tmp_path).stderr
+    # what came from a .env is said before a run
+    (tmp_path / ".env").write_text("MODEL_NAME=llava:7b\n")
+    note = run("tag", str(tmp_path / "none"), cwd=tmp_path)
+    assert "MODEL_NAME from ./.env" in note.stderr

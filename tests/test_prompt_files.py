@@ -46,11 +46,21 @@ def test_the_seed_prompts_yaml_fills_its_variables(tmp_path):
     own = tmp_path / "own.toml"
     own.write_text(prompts.builtin_templates_toml(), encoding="utf-8")
     assert set(tomllib.loads(own.read_text())) == set(prompts.TEMPLATE_TABLES)
-    mine = prompts.build_request(
-        tag_count=20, description=True, language="en", templates=prompts.load_templates(str(own))
-    )
-    plain = prompts.build_request(tag_count=20, description=True, language="en")
-    assert mine.system == plain.system and "up to 20 short tags" in mine.prompt
+    # unedited, it asks what vlmtag asks: the same prompt, the same key, nothing re-tagged
+    for language, description in (("en", True), ("zh", False), ("de", True)):
+        mine = prompts.build_request(
+            tag_count=20, description=description, language=language,
+            templates=prompts.load_templates(str(own)),
+        )  # fmt: skip
+        plain = prompts.build_request(tag_count=20, description=description, language=language)
+        assert (mine.system, mine.prompt) == (plain.system, plain.prompt)
+    edited = tmp_path / "edited.toml"
+    edited.write_text(own.read_text().replace("photo library", "picture archive"))
+    changed = prompts.build_request(
+        tag_count=20, description=True, language="en",
+        templates=prompts.load_templates(str(edited)),
+    )  # fmt: skip
+    assert "picture archive" in changed.prompt and "up to 20 short tags" in changed.prompt
 
 
 def test_without_a_prompt_file_the_prompt_key_is_what_it_was():
@@ -70,6 +80,7 @@ def test_without_a_prompt_file_the_prompt_key_is_what_it_was():
         ("tag_prompts:\n  en: ''\n", "must be text"),
         ("tag_prompts: [1, 2]\n", "maps languages"),
         ("tag_prompts: {en: [x\n", "not valid YAML"),
+        ("", "no prompts in it"),
     ],
 )
 def test_a_bad_prompt_file_is_one_line(tmp_path, text, said):

@@ -83,3 +83,19 @@ def test_deep_masks_keys_and_values():
         "***": ["***", 1, None],
         "ok": "x***",
     }
+
+
+def test_pieces_of_a_key_a_server_echoes_back_are_masked():
+    key = "sk-proj-AbCdEf0123456789xyz"
+    redact = Redactor([key])
+    for echoed in (key[1:], key[:-1], key[:14], key[5:20], "x" + key + "y", key.upper()[2:]):
+        shown = redact(f"error: {echoed} is wrong")
+        assert shown.startswith("error: ") and shown.endswith(" is wrong") and "***" in shown
+        assert not any(key[i : i + 12].lower() in shown.lower() for i in range(len(key) - 11))
+    assert key[12:] not in redact(f"key {key[:12]} {key[12:]}")  # split by a space
+    import base64
+
+    assert redact(base64.b64encode(key.encode()).decode()) == "***"
+    # ordinary words and short pieces stay: masking them would hide the message itself
+    assert redact("cat, animal, tabby brown sofa") == "cat, animal, tabby brown sofa"
+    assert redact("sk-proj is a prefix") == "sk-proj is a prefix"

@@ -62,6 +62,10 @@ DOTENV_KEYS = {
 }
 # A setting that names an environment variable holding the value, never the value itself.
 INDIRECT = {"api_key_env": "api_key"}
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_FILE_BYTES = 1_000_000  # a config file is a few hundred bytes; more is a mistake
+# Settings that are paths: relative ones are read from the file's folder, not the current one.
+PATH_SETTINGS = frozenset({"db", "image_paths", "paths", "prompt_file", "model_path"})
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,11 @@ def layers(config: str | None, *, cwd: str | None = None) -> list[Layer]:
         found.append(read_file(mine))
     dotenv = here / ".env"
     if dotenv.is_file() and not (config and _same(config, dotenv)):
-        found.append(read_dotenv(dotenv))
+        found.append(read_file(dotenv))
     if config:
         path = Path(os.path.expanduser(config))
+        if path.is_dir():
+            raise UsageError(f"--config {config} is a folder; name the file in it")
         if not path.is_file():
             raise UsageError(f"--config {config}: no such file")
         found.append(read_file(path))
@@ -124,14 +130,47 @@ def _same(a: str | os.PathLike, b: Path) -> bool:
 def read_file(path: Path) -> Layer:
     name = path.name.lower()
     if name.endswith((".yaml", ".yml")):
-        return read_yaml(path)
-    if name == ".env" or name.endswith(".env"):
-        return read_dotenv(path)
-    return read_toml(path)
+        layer = read_yaml(path)
+    elif name == ".env" or name.endswith(".env"):
+        layer = read_dotenv(path)
+    else:
+        layer = read_toml(path)
+    return _from_folder(layer, Path(os.path.abspath(path.parent)))
+
+
+def _from_folder(layer: Layer, folder: Path) -> Layer:
+    """Relative paths in a file are the file's folder's: a config that names photos/ means
+    the photos beside it, wherever vlmtag is run from."""
+
+    def fix(given: dict[str, Setting]) -> None:
+        for key, setting in list(given.items()):
+            if key in PATH_SETTINGS:
+                given[key] = Setting(_absolute(setting.value, folder), setting.source)
+
+    fix(layer.common)
+    for table in layer.commands.values():
+        fix(table)
+    for profile in layer.profiles.values():
+        _from_folder(profile, folder)
+    return layer
+
+
+def _absolute(value: Any, folder: Path) -> Any:
+    if isinstance(value, list):
+        return [_absolute(v, folder) for v in value]
+    if isinstance(value, str) and value.strip():
+        expanded = os.path.expanduser(value)
+        return expanded if os.path.isabs(expanded) else str(folder / expanded)
+    return value
 
 
 def _text(path: Path) -> str:
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise UsageError(
+                f"{path}: {size:,} bytes is not a config file (at most {MAX_FILE_BYTES:,})"
+            )
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise UsageError(f"{path}: not UTF-8 text; save it as UTF-8") from None
@@ -297,12 +336,15 @@ def resolve(
     names: set[str],
     tables: dict[str, set[str]],
     profile: str | None,
+    only_in_table: frozenset[str] = frozenset(),
 ) -> dict[str, Setting]:
     """The settings for `command`, which has settings `names`; `tables` holds every
     command's (a key for another command is not an error at the top of a file, and a table
-    for another command is checked all the same). Later sources win; in one source a
-    profile wins over the file's own settings, a command's table over the settings for
-    every command."""
+    for another command is checked all the same). Later sources win; in one file, its
+    settings for every command, then its table for this one, then the profile's, then the
+    profile's table: the profile chosen wins over the rest of its file. `only_in_table`:
+    settings that mean something else here than where a file's top means them (--language
+    filters `export` but is what `tag` writes in): taken from this command's table only."""
     known = set().union(*tables.values()) if tables else set(names)
     for layer in sources:
         for part in [layer, *layer.profiles.values()]:
@@ -319,11 +361,10 @@ def resolve(
         for part in parts:
             for key, setting in part.common.items():
                 if key not in known and key not in INDIRECT:
-                    raise UsageError(
-                        f"{setting.source}: unknown setting {key!r}{_hint(key, known)}"
-                    )
-            _take(chosen, part.common, names)
-        for part in parts:
+                    hint = _hint(key, known)
+                    raise UsageError(f"{setting.source}: unknown setting {key!r}{hint}")
+            top = {k: v for k, v in part.common.items() if k not in only_in_table}
+            _take(chosen, top, names)
             _take(chosen, part.commands.get(command, {}), names)
     return chosen
 
@@ -355,11 +396,18 @@ def _take(chosen: dict[str, Setting], given: dict[str, Setting], names: set[str]
 
 def _indirect(key: str, setting: Setting) -> Setting:
     """api_key_env = "NAME" (or a list, one per server): the value of that variable."""
+    from vlmtag.redact import looks_secret
+
     names = setting.value if isinstance(setting.value, list) else [setting.value]
     values = []
     for name in names:
-        if not isinstance(name, str) or not name.strip():
-            raise UsageError(f"{setting.source}: {key} names an environment variable")
+        if not isinstance(name, str) or not VARIABLE_NAME.fullmatch(name.strip()):
+            looks = isinstance(name, str) and looks_secret(name)
+            raise UsageError(
+                f"{setting.source}: {key} names an environment variable (letters, digits, _)"
+                + ("; that looks like a key itself: put the key in a variable, name that"
+                   if looks else "")
+            )  # fmt: skip
         if not os.environ.get(name.strip()):
             raise UsageError(f"{setting.source}: {key} names {name.strip()}, which is not set")
         values.append(os.environ[name.strip()])

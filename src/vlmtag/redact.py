@@ -28,6 +28,10 @@ URL_VARIABLES = ("OLLAMA_HOST", "OLLAMA_HOST_URL", "OPENAI_BASE_URL")
 _USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{1,20}://)[^\s/@'\"<>]+@")
 # A bearer token or basic credentials echoed back in an error text.
 _AUTHORIZATION = re.compile(r"(?i)\b((?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}")
+# A piece of a key anywhere (a server that echoes it back cut, split or inside a word): any
+# token of key characters that holds this many characters of a key in a row is masked whole.
+FRAGMENT_CHARS = 12
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{" + str(FRAGMENT_CHARS) + ",}")
 
 
 def without_credentials(url: str) -> str:
@@ -68,6 +72,7 @@ class Redactor:
     def __init__(self, secrets: Iterable[str | None] = ()):
         self._secrets: list[str] = []
         self._pattern: re.Pattern[str] | None = None
+        self._windows: set[str] = set()  # every FRAGMENT_CHARS-long piece of a key, lower case
         for secret in secrets:
             self.add(secret)
 
@@ -81,8 +86,16 @@ class Redactor:
     def add(self, secret: str | None) -> None:
         if secret and len(secret) >= MIN_SECRET_CHARS and secret not in self._secrets:
             self._secrets.append(secret)
+            # As a server may quote it: base64 (Basic credentials, a logged header).
+            encoded = base64.b64encode(secret.encode("utf-8", "replace")).decode("ascii")
+            if len(secret) >= FRAGMENT_CHARS and encoded not in self._secrets:
+                self._secrets.append(encoded)
             self._secrets.sort(key=len, reverse=True)  # a key that contains another goes first
             self._pattern = _pattern(self._secrets)
+            low = secret.lower()
+            self._windows.update(
+                low[i : i + FRAGMENT_CHARS] for i in range(len(low) - FRAGMENT_CHARS + 1)
+            )
 
     def add_url(self, url: str) -> None:
         for secret in url_secrets(url):
@@ -95,9 +108,18 @@ class Redactor:
             text = _USERINFO.sub(r"\1", text)
         if self._pattern is not None:
             text = self._pattern.sub(MASK, text)
+        if self._windows:
+            text = _TOKEN.sub(self._fragment, text)
         if "earer" in text or "asic" in text:
             text = _AUTHORIZATION.sub(r"\1" + MASK, text)
         return text
+
+    def _fragment(self, match: re.Match[str]) -> str:
+        token = match.group().lower()
+        n = FRAGMENT_CHARS
+        if any(token[i : i + n] in self._windows for i in range(len(token) - n + 1)):
+            return MASK
+        return match.group()
 
     def deep(self, value: Any) -> Any:
         """The same for every string inside lists and dicts (a JSON report)."""
@@ -108,6 +130,16 @@ class Redactor:
         if isinstance(value, list | tuple):
             return [self.deep(v) for v in value]
         return value
+
+
+def looks_secret(text: str) -> bool:
+    """Whether a value has the look of an API key (sk-..., a long token of letters and
+    digits): a config error must not print one that was put in the wrong place."""
+    value = text.strip()
+    if re.match(r"(?i)^(sk|pk|rk|gsk|xai|hf|key)[-_][A-Za-z0-9_-]{8,}$", value):
+        return True
+    token = re.fullmatch(r"[A-Za-z0-9._~+/=-]{24,}", value)
+    return bool(token) and bool(re.search(r"\d", value)) and bool(re.search(r"[A-Za-z]", value))
 
 
 def _pattern(secrets: list[str]) -> re.Pattern[str]:

@@ -16,6 +16,12 @@ from vlmtag.cli.common import EXIT_USAGE, fail
 
 SOURCES_KEY = "vlmtag.sources"  # ctx.meta: setting -> where its value came from
 SKIPPED = {"config", "profile", "help"}
+# The commands that run a model: there --language and --model say what to make; elsewhere
+# they filter what is read, so a file's top-level language is not a filter of `export`.
+MODEL_COMMANDS = frozenset({"tag", "bench", "doctor"})
+FILTERS_ELSEWHERE = frozenset({"language", "model"})
+# Flags whose values are checked past their click type (the run would name the flag).
+CHECKS = {"resize", "language", "backend", "prompt_file"}
 
 
 def _chosen(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
@@ -86,39 +92,102 @@ def every_table(ctx: click.Context) -> dict[str, set[str]]:
     return {name: names(command) for name, command in root.commands.items()}
 
 
-def _load(ctx: click.Context, config: str | None, profile: str | None) -> None:
+def _load(
+    ctx: click.Context, config: str | None, profile: str | None, *, announce: bool = True
+) -> None:
     from vlmtag import config_files
     from vlmtag.errors import UsageError
 
     params = settings_of(ctx.command)
     try:
         sources = [*config_files.layers(config), config_files.environment(set(params))]
+        section = section_of(ctx)
         chosen = config_files.resolve(
             sources,
-            command=section_of(ctx),
+            command=section,
             names=set(params),
             tables=every_table(ctx),
             profile=profile,
+            only_in_table=frozenset() if section in MODEL_COMMANDS else FILTERS_ELSEWHERE,
         )
         defaults = {name: _checked(ctx, params[name], s) for name, s in chosen.items()}
     except UsageError as exc:
         fail(str(exc), EXIT_USAGE)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     ctx.meta[SOURCES_KEY] = {name: s.source for name, s in chosen.items()}
+    from_dotenv = sorted(
+        s.source.rsplit(" ", 1)[-1] for s in chosen.values() if "/.env:" in s.source
+    )
+    if from_dotenv and section in MODEL_COMMANDS and announce:
+        # A .env is another program's as often as ours: say what came from it.
+        click.echo(
+            f"vlmtag: note: {', '.join(from_dotenv)} from ./.env (the seed system's "
+            "settings); `vlmtag config` shows every setting and where it came from",
+            err=True,
+        )
 
 
 def _checked(ctx: click.Context, param: click.Parameter, setting: Any) -> Any:
-    """The value as its flag takes it, or UsageError naming where it was written."""
+    """The value as its flag takes it, or UsageError naming where it was written (a value
+    that looks like a key is not repeated: it may be one, put in the wrong setting)."""
     from vlmtag.config_files import SECRET_KEYS
     from vlmtag.errors import UsageError
+    from vlmtag.redact import looks_secret
 
-    value = for_click(param, setting.value)
+    raw = setting.value
+    hidden = param.name in SECRET_KEYS or (isinstance(raw, str) and looks_secret(raw))
+    shown = "(hidden)" if hidden else repr(raw)
+
+    def wrong(why: str) -> UsageError:
+        return UsageError(f"{setting.source}: {param.name} = {shown}: {why}")
+
+    many = getattr(param, "multiple", False) or param.nargs == -1
+    if isinstance(raw, bool) and not getattr(param, "is_flag", False):
+        raise wrong("a yes/no here; give a value")
+    if isinstance(raw, list | tuple) and not many and param.name != "resize":
+        raise wrong("a list here; give one value")
+    if param.name in SECRET_KEYS and not all(isinstance(v, str) for v in _listed(raw)):
+        raise wrong("a key is text, in quotes")
+    value = for_click(param, raw)
     try:
         param.type_cast_value(ctx, value)
+        _check_meaning(param.name or "", value)
     except click.BadParameter as exc:
-        shown = "(hidden)" if param.name in SECRET_KEYS else repr(setting.value)
-        raise UsageError(f"{setting.source}: {param.name} = {shown}: {exc.message}") from None
+        # click's message repeats the value: not for a value that may be a key.
+        raise wrong(f"not a valid {param.type.name} here" if hidden else exc.message) from None
+    except UsageError as exc:
+        raise wrong(str(exc).split(": ", 1)[-1] if hidden else str(exc)) from None
     return value
+
+
+def _listed(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _check_meaning(name: str, value: Any) -> None:
+    """What the run would refuse later, naming a flag nobody typed: refused here."""
+    import os
+
+    from vlmtag.errors import UsageError
+
+    if name not in CHECKS or value in (None, ""):
+        return
+    if name == "resize":
+        from vlmtag.config import parse_resize
+
+        parse_resize(str(value))
+    elif name == "language":
+        from vlmtag.models.prompts import resolve_language
+
+        resolve_language(str(value))
+    elif name == "backend":
+        from vlmtag.config import normalise_backend
+        from vlmtag.models.base import names
+
+        if normalise_backend(str(value)) not in names():
+            raise UsageError(f"no backend {value!r}; one of {', '.join(names())}")
+    elif name == "prompt_file" and not os.path.isfile(os.path.expanduser(str(value))):
+        raise UsageError(f"no prompt file at {value}")
 
 
 def for_click(param: click.Parameter, value: Any) -> Any:
@@ -165,6 +234,8 @@ def config(ctx: click.Context, command_name: str, as_json: bool) -> None:
       api_base = ["http://gpu1:8000/v1", "http://gpu2:8000/v1"]
       api_key_env = "GPU_BOX_KEY"   # the key from this variable, never in the file
     """
+    import os
+
     from vlmtag.cli.common import echo_json
     from vlmtag.config_files import SECRET_KEYS
 
@@ -175,7 +246,7 @@ def config(ctx: click.Context, command_name: str, as_json: bool) -> None:
         fail(f"no command {command_name!r} to show settings for; one of: {', '.join(simple)}")
     seen = ctx.meta.get("vlmtag.config_seen", {})
     sub = click.Context(target, parent=ctx.find_root(), info_name=command_name)
-    _load(sub, seen.get("config"), seen.get("profile"))
+    _load(sub, seen.get("config"), seen.get("profile"), announce=False)
     found = sources(sub)
     rows = []
     for name, param in settings_of(target).items():
@@ -185,10 +256,13 @@ def config(ctx: click.Context, command_name: str, as_json: bool) -> None:
             value = param.type_cast_value(sub, (sub.default_map or {}).get(name))
             value = list(value) if isinstance(value, tuple) else value
         else:
-            value = _plain(param, sub)
+            value = _plain(param, sub, command_name in MODEL_COMMANDS)
+        source = found.get(name, "default")
+        if name in SECRET_KEYS and not value and os.environ.get("OPENAI_API_KEY"):
+            value, source = True, "environment OPENAI_API_KEY (for --backend openai)"
         if name in SECRET_KEYS and value:
             value = "(set, hidden)"
-        rows.append({"setting": name, "value": value, "from": found.get(name, "default")})
+        rows.append({"setting": name, "value": value, "from": source})
     if as_json:
         echo_json({"command": command_name, "settings": rows})
         return
@@ -198,12 +272,13 @@ def config(ctx: click.Context, command_name: str, as_json: bool) -> None:
         click.echo(f"{row['setting']:<{width}}  {shown:<24}  {row['from']}")
 
 
-def _plain(param: click.Parameter, ctx: click.Context) -> Any:
-    """A flag's built-in default as JSON can hold it: the run's own default where the flag
-    leaves it to the run (tag_count 20, backend ollama), None for "not set"."""
+def _plain(param: click.Parameter, ctx: click.Context, runs_a_model: bool) -> Any:
+    """A flag's built-in default as JSON can hold it: for the commands that run a model,
+    the run's own default where the flag leaves it to the run (tag_count 20, backend
+    ollama); None for "not set"."""
     value = param.get_default(ctx)
     if value is None or type(value).__name__ == "Sentinel":
-        value = _run_default(param.name or "")
+        value = _run_default(param.name or "") if runs_a_model or param.name == "db" else None
     if value is None or isinstance(value, bool | int | float | str):
         return value
     if isinstance(value, list | tuple):
@@ -222,6 +297,10 @@ def _run_default(name: str) -> Any:
         return str(default_db_path())
     if name == "workers":
         return "auto"
+    if name == "model":
+        return "qwen3-vl:4b (ollama); the server's one model (openai)"
+    if name == "api_base":
+        return "http://localhost:11434 (ollama), http://localhost:8000/v1 (openai)"
     if name == "description":
         return "on (off for builtin)"
     defaults = {f.name: getattr(Settings(), f.name) for f in fields(Settings)}

@@ -4,6 +4,7 @@ prompt key (a hash of everything that changes the answer, so a rerun can skip wo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -176,6 +177,11 @@ class Templates:
     tags: dict[str, str] = field(default_factory=dict)
     description: dict[str, str] = field(default_factory=dict)
 
+    def same_as(self, other: Templates) -> bool:
+        return (self.system, self.tags, self.description) == (
+            other.system, other.tags, other.description,
+        )  # fmt: skip
+
     def pick(self, table: dict[str, str], language: str) -> tuple[str | None, bool]:
         """(the template for language, whether it was written for that language)."""
         if language in table:
@@ -212,8 +218,11 @@ def load_templates(path: str) -> Templates:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise UsageError(f"{path}: not valid TOML ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected tables {', '.join(TEMPLATE_TABLES)}")
+    if not isinstance(data, dict) or not data:
+        raise UsageError(
+            f"{path}: no prompts in it; a prompt file has tables {', '.join(TEMPLATE_TABLES)}"
+            " (`vlmtag prompts` prints one to start from)"
+        )
     tables: dict[str, dict[str, str]] = {}
     for key, value in data.items():
         if key not in TEMPLATE_TABLES:
@@ -307,6 +316,20 @@ def _templated(
     return text, "\n".join(lines)
 
 
+@functools.cache
+def builtin_templates() -> Templates:
+    """vlmtag's own prompts as the templates `vlmtag prompts` prints."""
+    import tomllib
+
+    data = tomllib.loads(builtin_templates_toml())
+    return Templates(
+        source="(built in)",
+        system={k: v.strip() for k, v in data["system_prompts"].items()},
+        tags={k: v.strip() for k, v in data["tag_prompts"].items()},
+        description={k: v.strip() for k, v in data["description_prompts"].items()},
+    )
+
+
 def builtin_templates_toml() -> str:
     """vlmtag's own prompts as a prompt file to start from (`vlmtag prompts`)."""
     tags = "\n".join(
@@ -373,6 +396,8 @@ def build_request(
     code = resolve_language(language)
     if max_tokens is None:
         max_tokens = default_max_tokens(tag_count=tag_count, description=description)
+    if templates is not None and templates.same_as(builtin_templates()):
+        templates = None  # `vlmtag prompts` unedited: vlmtag's own words, and their key
     if templates is None:  # vlmtag's own words: byte for byte as before (the prompt key)
         system = SYSTEM
         prompt = _prompt_text(tag_count=tag_count, description=description, language=code)

@@ -103,6 +103,13 @@ async def run_tag(
         description = settings.backend not in NO_DESCRIPTION_BY_DEFAULT
     backends = make_backends(settings)
     request = request_for(settings, description, backends[0])
+    if not getattr(backends[0], "reads_prompt", True) and request.language not in ("en", "zh"):
+        log.warning(
+            "the builtin classifier has English and Chinese keywords only; with --language %s"
+            " they are English (stored as %s)",
+            request.language,
+            request.language,
+        )
     control = control or Control()
     # The store hears the stop too: a wait for a locked database to take the run's row
     # ends at Ctrl-C, and in a hurry the run's last row is tried only once.
