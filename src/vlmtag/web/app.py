@@ -250,12 +250,10 @@ class WebApp:
     async def decide(self, request: Request) -> Response:
         """Add or reject keywords on the selection: `ids`, or with `all` every image of the
         grid's filters and query (at most MAX_SELECTION)."""
-        body = await read_json(request)
-        if isinstance(body, Response):
-            return body
-        ids = self.chosen_ids(request, body)
-        if isinstance(ids, Response):
-            return ids
+        chosen = await self.selected(request)
+        if isinstance(chosen, Response):
+            return chosen
+        body, ids = chosen
         action, keywords = body.get("action"), body.get("keywords")
         if action not in ("add", "reject"):
             return JSONResponse({"error": "action must be add or reject"}, 400)
@@ -269,6 +267,17 @@ class WebApp:
         except UsageError as exc:
             return JSONResponse({"error": printable(str(exc))}, 400)
         return JSONResponse({"changed": changed, "images": len(ids)})
+
+    async def selected(self, request: Request) -> tuple[dict[str, Any], list[str]] | Response:
+        """The request's JSON body and the pictures it is about (chosen_ids), or the answer
+        that says what is wrong with either."""
+        body = await read_json(request)
+        if isinstance(body, Response):
+            return body
+        ids = self.chosen_ids(request, body)
+        if isinstance(ids, Response):
+            return ids
+        return body, ids
 
     def chosen_ids(self, request: Request, body: dict[str, Any]) -> list[str] | Response:
         """The pictures a change or a summary is about: `ids` (each one the library has),
@@ -299,12 +308,10 @@ class WebApp:
     async def selection(self, request: Request) -> Response:
         """The keywords of a selection and on how many of its images each one is, so the
         page can show which only some of them have."""
-        body = await read_json(request)
-        if isinstance(body, Response):
-            return body
-        ids = self.chosen_ids(request, body)
-        if isinstance(ids, Response):
-            return ids
+        chosen = await self.selected(request)
+        if isinstance(chosen, Response):
+            return chosen
+        _, ids = chosen
         counts: dict[str, list[Any]] = {}
         for n in range(0, len(ids), 500):
             for key, text, held in self.library.keywords_held(ids[n : n + 500]):
