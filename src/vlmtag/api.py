@@ -246,7 +246,8 @@ class Library:
 
     def count(self, filters: browse.Filters | None = None, *, query: str | None = None) -> int:
         """How many files a grid of these filters (and query) holds."""
-        return browse.count(self.store.conn, _with_query(filters or browse.Filters(), query))
+        filters = _in_folder(filters or browse.Filters())
+        return browse.count(self.store.conn, _with_query(filters, query))
 
     def content(self, content_id: str) -> ImageRecord | None:
         """Everything stored for one picture, by its content id (None if unknown): what the
@@ -508,7 +509,6 @@ class _Identity:
 
 
 def _with_query(filters: browse.Filters, query: str | None) -> browse.Filters:
-    filters = _in_folder(filters)
     if not query or not query.strip():
         return filters
     return replace(filters, match=search.compile_query(query))
