@@ -67,7 +67,7 @@ class Limiter:
 
     @classmethod
     def auto(cls, maximum: int = AUTO_MAX) -> Limiter:
-        return cls(AUTO_START, adaptive=True, maximum=maximum)
+        return cls(min(AUTO_START, maximum), adaptive=True, maximum=maximum)
 
     async def acquire(self) -> None:
         """Wait for a free place; the caller then takes an image and sends it."""

@@ -19,30 +19,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlmtag.errors import ImageError
-from vlmtag.ingest import identity, imaging, scan
-from vlmtag.ingest.files import content_id as hash_content
+from vlmtag.ingest import identity, scan
 from vlmtag.library.db import Store
 from vlmtag.library.rows import FileSeen, Missing, Row
 from vlmtag.library.writer import CLOSE_TIMEOUT, Writer
 from vlmtag.models.base import Backend
 from vlmtag.redact import Redactor
-from vlmtag.run.answers import AGAIN, STORE, Answers
 from vlmtag.run.control import Control
-from vlmtag.run.dispatcher import Dispatcher, Work
-from vlmtag.run.lanes import Lane
+from vlmtag.run.dispatcher import Work
 from vlmtag.run.ledger import Counts, Ledger, NoProgress, Progress, RunIdentity
-from vlmtag.run.limiter import AUTO_MAX, Limiter
+from vlmtag.run.prepare import Prepared, prepare_file
+from vlmtag.run.serving import AUTO, Serving
 from vlmtag.run.timings import StageTimes
 from vlmtag.text import one_line
-from vlmtag.types import PreparedImage, Reply, Request
+from vlmtag.types import Reply, Request
 
-AUTO = 0  # --workers auto: find the server's parallelism as the run goes
-MAX_LOST = 3  # an image whose server drops the connection this often is a failure
+__all__ = ["AUTO", "Pipeline", "RunOptions", "RunResult"]
+
 GRACE_SECONDS = 10.0  # after Ctrl-C, how long in-flight requests may finish before cancel
 HURRIED_CLOSE_TIMEOUT = 10.0  # a second Ctrl-C: the writer gets this long to commit what it has
 LOOKAHEAD_PER_THREAD = 2  # images being read/decoded ahead, per preprocessing thread
-READY_PER_WORKER = 2  # prepared images waiting, per request slot
 
 
 @dataclass
@@ -113,16 +109,6 @@ class RunResult:
         }
 
 
-@dataclass(slots=True)
-class _Prepared:
-    seen: FileSeen | None
-    content_id: str | None
-    status: str  # new | done | copy | failed
-    image: PreparedImage | None = None
-    error: ImageError | None = None
-    claimed: bool = False  # this file claimed its content: its copies share what it comes to
-
-
 class _Claims:
     """Which contents this run sends: the first file of each, once (pool threads share it)."""
 
@@ -157,16 +143,22 @@ class Pipeline:
         self.options = options
         self.progress = progress or NoProgress()
         self.control = control or Control()
-        self.lanes = [
-            Lane(b, _limiter(b, options.workers), options.request, server_wait=options.server_wait)
-            for b in backends
-        ]
         self.times = StageTimes()
-        self.answers = Answers(options.request)
-        self.abandoned: tuple[str, str, str] | None = None  # (status, stage, reason)
-        self.dispatcher = Dispatcher(lambda: READY_PER_WORKER * self._in_flight_limit())
-        for lane in self.lanes:
-            lane.limiter.on_change = self.dispatcher.wake
+        self.serving = Serving(
+            backends,
+            options.request,
+            self,
+            workers=options.workers,
+            server_wait=options.server_wait,
+            times=self.times,
+            after_reply=self._check_writer,
+        )
+        self.lanes = self.serving.lanes
+        self.dispatcher = self.serving.dispatcher
+
+    @property
+    def abandoned(self) -> tuple[str, str, str] | None:
+        return self.serving.abandoned
 
     # ---- the run -----------------------------------------------------------------------
 
@@ -216,6 +208,7 @@ class Pipeline:
             self.progress.start(len(triaged.todo))
         self.dispatcher.admit(len(triaged.todo))
         self._claims = _Claims(done)
+        self._done = done
         await self._process(deque(triaged.todo))
 
     async def _scan(self, roots: list[str]) -> tuple[list[scan.FileStat], list[tuple[str, str]]]:
@@ -263,7 +256,7 @@ class Pipeline:
 
     async def _process(self, todo: deque) -> None:
         pool = ThreadPoolExecutor(self.options.threads, thread_name_prefix="vlmtag-prep")
-        lanes = [asyncio.create_task(lane.run(self.dispatcher, self)) for lane in self.lanes]
+        lanes = self.serving.start()
         producer = asyncio.create_task(self._produce(todo, pool))
         try:
             await self._until_over(producer, lanes)
@@ -296,20 +289,7 @@ class Pipeline:
         if not producer.done():
             producer.cancel()
         await asyncio.gather(producer, return_exceptions=True)
-        for work in self.dispatcher.drain():
-            self._unsent(work)
-        in_flight = set().union(*(lane.in_flight for lane in self.lanes))
-        deadline = time.monotonic() + GRACE_SECONDS
-        while in_flight and not self.control.hurried and time.monotonic() < deadline:
-            _, in_flight = await asyncio.wait(in_flight, timeout=0.2)
-        for task in in_flight:
-            task.cancel()
-        await asyncio.gather(*in_flight, return_exceptions=True)
-        for lane in self.lanes:
-            lane.stop_probing()
-        for task in lanes:
-            task.cancel()
-        await asyncio.gather(*lanes, return_exceptions=True)
+        await self.serving.stop(lanes, grace=GRACE_SECONDS, hurried=lambda: self.control.hurried)
 
     # ---- preparing -----------------------------------------------------------------------
 
@@ -342,43 +322,20 @@ class Pipeline:
         finally:
             self.dispatcher.close()
 
-    def _prepare(self, f: scan.FileStat, content_id: str | None) -> _Prepared:
-        """In a pool thread: read once, hash if new or changed, claim, decode and fit.
-
-        A content is claimed only by a file whose bytes are in hand: a copy never waits on
-        a twin that cannot be read, and shares a failure only once its twin claimed the
-        content (a failure of the picture, never one of the file).
-        """
-        started = time.perf_counter()
-        seen, claimed = None, False
-        try:
-            data = identity.read_image(f.path, max_pixels=self.options.max_pixels)
-            if content_id is None:
-                content_id = hash_content(data)
-                seen = FileSeen(f.path, f.size, f.mtime_ns, content_id)
-                self.times.add("hash", time.perf_counter() - started)
-            status = self._claims.claim(content_id)
-            if status != "new":
-                return _Prepared(seen, content_id, status)
-            claimed = True
-            t1 = time.perf_counter()
-            image = imaging.prepare(
-                data, self.options.resize, max_pixels=self.options.max_pixels,
-                keep_pixels=self.lead.wants_pixels,
-            )  # fmt: skip
-            self.times.add("decode", time.perf_counter() - t1)
-            return _Prepared(seen, content_id, "new", image)
-        except ImageError as exc:
-            return _Prepared(seen, content_id, "failed", error=exc, claimed=claimed)
-        except Exception as exc:  # noqa: BLE001 - out of memory, a bug: this file fails
-            error = ImageError(f"cannot read or decode it: {one_line(repr(exc))}")
-            return _Prepared(seen, content_id, "failed", error=error, claimed=claimed)
+    def _prepare(self, f: scan.FileStat, content_id: str | None) -> Prepared:
+        """In a pool thread: read once, hash if new or changed, claim, decode and fit."""
+        o = self.options
+        return prepare_file(
+            f.path, f.size, f.mtime_ns, content_id, self._claims.claim,
+            resize=o.resize, max_pixels=o.max_pixels, keep_pixels=self.lead.wants_pixels,
+            times=self.times,
+        )  # fmt: skip
 
     async def _deliver(self, f: scan.FileStat, future, window: asyncio.Semaphore) -> None:
         started = time.perf_counter()
         try:
             try:
-                got: _Prepared = await future
+                got: Prepared = await future
             except asyncio.CancelledError:
                 self.ledger.left(f.path)
                 raise
@@ -410,89 +367,40 @@ class Pipeline:
         finally:
             window.release()
 
-    # ---- what the lanes report (LaneSink) ----------------------------------------------
+    # ---- what became of each image (serving's Outcomes) ---------------------------------
 
-    def reply(self, lane: Lane, work: Work, reply: Reply | BaseException, seconds: float):
-        self.times.add("infer", seconds)
-        published = getattr(lane.backend, "published", None)
-        verdict = self.answers.judge(work, reply, context=getattr(published, "context", None))
-        if verdict.action == AGAIN:
-            if self.abandoned is not None or not self.dispatcher.put_back(work):
-                self._unsent(work)
-        elif verdict.action == STORE:
-            image = work.image
-            self.ledger.tagged(
-                work.path,
-                work.content_id,
-                reply,
-                verdict.tags,
-                verdict.description,
-                width=image.source_width,
-                height=image.source_height,
-            )
-            self.times.add("total", time.perf_counter() - work.started)
-        else:
-            self.ledger.failed(work.path, work.content_id, verdict.stage, verdict.reason)
+    def tagged(self, work: Work, reply: Reply, tags: list, description: str | None) -> None:
+        image = work.image
+        self.ledger.tagged(
+            work.path,
+            work.content_id,
+            reply,
+            tags,
+            description,
+            width=image.source_width,
+            height=image.source_height,
+        )
+        self.times.add("total", time.perf_counter() - work.started)
+
+    def failed(self, work: Work, stage: str, reason: str) -> None:
+        self.ledger.failed(work.path, work.content_id, stage, reason)
+
+    def left(self, work: Work) -> None:
+        self.ledger.left(work.path, work.content_id)
+
+    def _check_writer(self) -> None:
         if self.writer.fatal is not None:
             self._abandon("failed", "store", f"not stored: {self.writer.fatal}")
 
-    def lost(self, lane: Lane, batch: list[Work]) -> None:
-        for work in batch:
-            work.lost += 1
-            if work.lost > MAX_LOST:
-                reason = f"its server dropped the connection {work.lost} times while answering it"
-                self.ledger.failed(work.path, work.content_id, "infer", reason)
-            elif any(not other.retired for other in self.lanes) and self.abandoned is None:
-                if not self.dispatcher.put_back(work):
-                    self._unsent(work)
-            else:
-                self.ledger.failed(work.path, work.content_id, "infer", self._no_server())
-
-    def cancelled(self, batch: list[Work]) -> None:
-        for work in batch:
-            self.ledger.left(work.path, work.content_id)
-
-    def retired(self, lane: Lane) -> None:
-        if all(other.retired for other in self.lanes):
-            self._abandon("stopped", "infer", self._no_server())
-
-    def broken(self, work: Work, exc: Exception) -> None:
-        """Handling an answer raised (a bug): that image fails, the run goes on."""
-        reason = f"internal error handling the answer: {one_line(repr(exc))}"
-        self.ledger.failed(work.path, work.content_id, "store", reason)
-
-    def _no_server(self) -> str:
-        reasons = "; ".join(f"{lane.label}: {lane.reason}" for lane in self.lanes if lane.reason)
-        return (
-            f"not sent: no server is left ({reasons or 'every server stopped answering'}); "
-            "start the server again and rerun the same command to go on"
-        )
-
     def _abandon(self, status: str, stage: str, reason: str) -> None:
-        """No server or no database is left: what remains fails with the reason, at once."""
-        if self.abandoned is not None:
-            return
-        self.abandoned = (status, stage, reason)
-        self.dispatcher.stop()  # nothing more is sent, nor queued
-        for work in self.dispatcher.drain():
-            self._unsent(work)
+        self.serving.abandon(status, stage, reason)
 
     def _unsent(self, work: Work) -> None:
-        """An image that will not be sent: failed if the run gave up, else left (stopped)."""
-        if self.abandoned is not None:
-            self.ledger.failed(work.path, work.content_id, self.abandoned[1], self.abandoned[2])
-        else:
-            self.ledger.left(work.path, work.content_id)
+        self.serving.unsent(work)
 
     def _not_stored(self, row: Row, reason: str) -> None:
         self.ledger.not_stored(row, reason)
-        if self.writer.fatal is not None:
-            self._abandon("failed", "store", f"not stored: {self.writer.fatal}")
-
-    def _in_flight_limit(self) -> int:
-        """Images the lanes take at once: requests in flight, times the batch of each."""
-        live = [lane for lane in self.lanes if not lane.retired]
-        return sum(lane.limiter.limit * lane.backend.batch_size for lane in live) or 1
+        self._check_writer()
 
     # ---- the end -------------------------------------------------------------------------
 
@@ -508,7 +416,7 @@ class Pipeline:
         result.not_stored = stats.not_stored
         result.times.add_total("db", stats.seconds)
         result.wall_seconds = time.perf_counter() - started
-        result.servers = [_lane_report(lane) for lane in self.lanes]
+        result.servers = self._server_reports()
         result.status, result.stopped_reason = self._status(error)
         if not result.balanced:
             note = f"internal: {counts.found} found but {sum(_outcomes(counts))} outcomes"
@@ -523,6 +431,9 @@ class Pipeline:
             result.stopped_reason = _also(result.stopped_reason, note)
         with contextlib.suppress(Exception):  # a caller's progress bar must not hold the run
             self.progress.close()
+
+    def _server_reports(self) -> list[dict[str, Any]]:
+        return self.serving.reports()
 
     def _status(self, error: BaseException | None) -> tuple[str, str | None]:
         if isinstance(error, asyncio.CancelledError | KeyboardInterrupt):
@@ -543,29 +454,6 @@ class Pipeline:
 
 def _also(reason: str | None, note: str) -> str:
     return f"{reason}; {note}" if reason else note
-
-
-def _limiter(backend: Backend, workers: int) -> Limiter:
-    if backend.wants_pixels:  # in-process backends batch instead of running side by side
-        return Limiter(1)
-    if workers == AUTO:
-        # A server that tells how many requests it runs at once (llama.cpp's slots) gets
-        # that many: more would only queue there, fewer would leave slots idle.
-        slots = getattr(getattr(backend, "published", None), "slots", None)
-        if slots:
-            return Limiter(min(slots, AUTO_MAX))
-        return Limiter.auto(maximum=AUTO_MAX)
-    return Limiter(workers)
-
-
-def _lane_report(lane: Lane) -> dict[str, Any]:
-    return {
-        "server": lane.label,
-        "workers": lane.limiter.limit,
-        "workers_tried": lane.limiter.history,
-        "away": lane.retired or not lane.up.is_set(),
-        "sent": lane.sent,
-    }
 
 
 def _outcomes(counts: Counts) -> list[int]:
