@@ -76,6 +76,9 @@ class Settings:
     keep_alive: str = "30m"
     preset: str | None = None
     prompt_file: str | None = None  # prompt templates (models/prompts.py load_templates)
+    executor: str = "local"  # local | ray (run.cluster)
+    ray_address: str | None = None  # auto (RAY_ADDRESS or the cluster running here), HOST:PORT
+    ray_actors: int | None = None  # inference actors; None: per node or GPU (run.cluster.plan)
 
     def public(self) -> dict[str, Any]:
         """The settings as stored with a run: never the API key, nor a password in a URL."""

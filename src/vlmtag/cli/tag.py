@@ -67,6 +67,27 @@ SUMMARY_NOTES = {
     default=None,
     help="Seconds to wait for a server that stopped answering before stopping. Default 60.",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where the work runs: local (this machine, the default) or ray (a Ray cluster's "
+    "nodes decode and ask; needs the ray extra and the files at the same path on every node).",
+)
+@click.option(
+    "--ray-address",
+    default=None,
+    metavar="auto|HOST:PORT|local",
+    help="The Ray cluster for --executor ray: auto (RAY_ADDRESS, or the one started here with "
+    "`ray start --head`; the default), the head's HOST:PORT, or local (a throwaway one here).",
+)
+@click.option(
+    "--ray-actors",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Inference actors for --executor ray. Default: one per GPU (transformers), else one "
+    "per node (at least 2 for servers).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.pass_context

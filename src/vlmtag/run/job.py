@@ -49,6 +49,11 @@ def request_for(settings: Settings, description: bool, lead: Backend | None = No
 
 def make_backends(settings: Settings) -> list[Backend]:
     """One backend instance per server (several --api-base), or one in-process backend."""
+    return [get_backend(settings.backend, o) for o in backend_options(settings)]
+
+
+def backend_options(settings: Settings) -> list[BackendOptions]:
+    """What each backend instance is made from: one per server, or one in-process."""
     urls = resolve_api_base(settings)
     keys = keys_for(settings, urls)
     base = BackendOptions(
@@ -62,11 +67,8 @@ def make_backends(settings: Settings) -> list[Backend]:
         keep_alive=settings.keep_alive,
     )
     if not urls:
-        return [get_backend(settings.backend, base)]
-    return [
-        get_backend(settings.backend, replace(base, api_base=[url], api_key=key))
-        for url, key in zip(urls, keys, strict=True)
-    ]
+        return [base]
+    return [replace(base, api_base=[url], api_key=key) for url, key in zip(urls, keys, strict=True)]
 
 
 def redactor_for(settings: Settings) -> Redactor:
@@ -121,10 +123,25 @@ async def run_tag(
                 raise Interrupted("interrupted while the servers were checked; nothing was done")
             options = _options(settings, backends[0], request, description)
             warn_if_context_small(backends, request, options.resize)
+            if settings.executor == "ray":
+                return await _on_ray(settings, store, backends, options, progress, control)
             return await Pipeline(store, backends, options, progress, control).run(settings.paths)
     finally:
         await asyncio.gather(*(b.close() for b in backends), return_exceptions=True)
         store.close()
+
+
+async def _on_ray(settings, store, backends, options, progress, control) -> RunResult:
+    from vlmtag.run.cluster import ClusterPipeline, connect
+
+    ray = await asyncio.to_thread(connect, settings.ray_address)
+    if control.stopping:
+        raise Interrupted("interrupted while connecting to the Ray cluster; nothing was done")
+    pipeline = ClusterPipeline(
+        store, backends, options, progress, control,
+        ray=ray, backend_options=backend_options(settings), actors=settings.ray_actors,
+    )  # fmt: skip
+    return await pipeline.run(settings.paths)
 
 
 async def _start(backends: list[Backend], control: Control) -> None:

@@ -58,8 +58,7 @@ class Serving:
         self.times = times or StageTimes()
         self.after_reply = after_reply  # the pipeline looks at its writer after each one
         self.lanes = [
-            Lane(b, _limiter(b, workers, share), request, server_wait=server_wait)
-            for b in backends
+            Lane(b, _limiter(b, workers, share), request, server_wait=server_wait) for b in backends
         ]
         self.answers = Answers(request)
         self.abandoned: tuple[str, str, str] | None = None  # (status, stage, reason)
