@@ -6,14 +6,17 @@ one `ray start` per machine (see the README).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 WORKER_MARK = "vlmtag_worker"  # a resource only the worker nodes have: how they are found
@@ -81,7 +84,15 @@ class LocalCluster:
         return found
 
     def stop(self) -> None:
-        subprocess.run([self.ray, "stop", "--force"], env=self.env, capture_output=True)
+        """This cluster's processes end (not `ray stop`: that would end every Ray here)."""
+        mine = _with_children({p for p in _pids() if self.temp in cmdline(p)})
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in mine:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(_alive(p) for p in mine):
+                time.sleep(0.1)
         shutil.rmtree(self.temp, ignore_errors=True)
 
     def _ray(self, *args: str) -> str:
@@ -92,6 +103,28 @@ class LocalCluster:
         if done.returncode != 0:
             raise RuntimeError(f"ray {args[0]} failed: {(done.stdout + done.stderr)[-800:]}")
         return done.stdout + done.stderr
+
+
+def _with_children(pids: set[int]) -> set[int]:
+    parents: dict[int, int] = {}
+    for pid in _pids():
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+    found = set(pids)
+    while True:
+        more = {p for p, parent in parents.items() if parent in found and p not in found}
+        if not more:
+            return found
+        found |= more
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _pids() -> list[int]:
