@@ -93,6 +93,33 @@ def _annotations(db: Path) -> tuple[int, int]:
         con.close()
 
 
+class Midway(threading.Thread):
+    """Once `rows` answers are stored in db, `act()` once (it returns what it did, or None
+    while it cannot yet); `done` holds what it did."""
+
+    def __init__(self, db: Path, rows: int, act):
+        super().__init__(daemon=True)
+        self.db, self.rows, self.act, self.done = db, rows, act, []
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(sqlite3.Error):
+                if _annotations(self.db)[0] >= self.rows:
+                    did = self.act()
+                    if did is not None:
+                        self.done.append(did)
+                        return
+            time.sleep(0.1)
+
+
+def _kill_first(pids: list[int]) -> int | None:
+    if not pids:
+        return None
+    os.kill(pids[0], signal.SIGKILL)
+    return pids[0]
+
+
 def _library(tmp: Path, n: int, copies: int = 0) -> Path:
     folder = tmp / "pics"
     paint(folder, n, copies=copies)
@@ -118,6 +145,11 @@ def test_same_rows_as_the_local_executor(cluster, server, tmp_path):
     assert (again.tagged, again.skipped, again.failed) == (0, 104, 1)
     here = _tag(tmp_path / "ray.db", folder, server.url)
     assert (here.tagged, here.skipped) == (0, 104)
+    # --retry-failed sends only what failed: the broken file, which fails again.
+    retried = _tag(tmp_path / "ray.db", folder, server.url, executor="ray",
+                   ray_address=cluster.address, retry_failed=True)  # fmt: skip
+    assert (retried.tagged, retried.failed, retried.skipped) == (0, 1, 104)
+    assert retried.failures[0]["path"].endswith("broken.jpg")
 
 
 def test_a_worker_node_joined_by_address_takes_work(cluster, server, tmp_path):
@@ -160,25 +192,12 @@ def test_rows_are_stored_before_the_job_ends(cluster, tmp_path):
 def test_an_actor_killed_mid_run_loses_and_repeats_nothing(cluster, tmp_path):
     folder = _library(tmp_path, 200)
     db = tmp_path / "r.db"
-    killed: list[int] = []
-
-    def kill_one() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(sqlite3.Error):
-                if _annotations(db)[0] >= 20 and infer_actors():
-                    pid = infer_actors()[0]
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
-            time.sleep(0.1)
-
     with SimulatedProcess(slots=4, seconds=0.03) as sim:
-        killer = threading.Thread(target=kill_one)
+        killer = Midway(db, 20, lambda: _kill_first(infer_actors()))
         killer.start()
         result = _tag(db, folder, sim.url, executor="ray", ray_address=cluster.address)
         killer.join()
-    assert killed, "no inference actor was found to kill"
+    assert killer.done, "no inference actor was found to kill"
     assert result.summary()["status"] == "done" and result.balanced
     assert (result.tagged, result.failed, result.left) == (200, 1, 0)
     assert _annotations(db) == (200, 200)  # once each: no duplicate row
@@ -243,6 +262,40 @@ def test_a_file_a_node_cannot_read_fails_with_the_reason(tmp_path):
     assert "not found on Ray node" in row["reason"] and "same path" in row["reason"]
 
 
+def test_no_server_left_stops_the_run_and_fails_the_rest_with_the_reason(cluster, tmp_path):
+    folder = _library(tmp_path, 150)
+    db = tmp_path / "r.db"
+    with SimulatedProcess(slots=2, seconds=0.05) as sim:
+        killer = Midway(db, 20, lambda: sim.proc.kill() or True)
+        killer.start()
+        result = _tag(db, folder, sim.url, executor="ray", ray_address=cluster.address,
+                      server_wait=2)  # fmt: skip
+        killer.join()
+    summary = result.summary()
+    assert summary["status"] == "stopped" and result.balanced, summary
+    assert result.tagged >= 20 and result.failed > 1
+    assert result.tagged + result.failed + result.left == 151
+    assert "no server is left" in summary["stopped_reason"]
+    assert _annotations(db)[0] == result.tagged
+
+
+def test_a_cluster_that_gives_nothing_back_fails_the_run_instead_of_hanging(
+    cluster, tmp_path, monkeypatch
+):
+    import vlmtag.run.cluster as on_ray
+
+    monkeypatch.setattr(on_ray, "STALL_SECONDS", 4.0)
+    folder = _library(tmp_path, 6)
+    with SimulatedProcess(slots=1, seconds=60) as never:
+        started = time.monotonic()
+        result = _tag(tmp_path / "r.db", folder, never.url, executor="ray",
+                      ray_address=cluster.address)  # fmt: skip
+    assert time.monotonic() - started < 60
+    summary = result.summary()
+    assert summary["status"] == "failed" and result.balanced, summary
+    assert result.failed == 7 and "gave nothing back for 4 s" in summary["stopped_reason"]
+
+
 def _keywords(db: Path) -> dict[str, list[str]]:
     con = sqlite3.connect(db)
     try:
@@ -305,27 +358,14 @@ def test_a_worker_node_killed_mid_run_loses_and_repeats_nothing(cluster, tmp_pat
     """Last: it takes the worker node down (and starts it again for whatever follows)."""
     folder = _library(tmp_path, 200)
     db = tmp_path / "r.db"
-    killed: list[int] = []
-
-    def kill_node() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            with contextlib.suppress(sqlite3.Error):
-                raylets = cluster.worker_raylets()
-                if _annotations(db)[0] >= 20 and raylets:
-                    os.kill(raylets[0], signal.SIGKILL)
-                    killed.append(raylets[0])
-                    return
-            time.sleep(0.1)
-
     try:
         with SimulatedProcess(slots=4, seconds=0.03) as sim:
-            killer = threading.Thread(target=kill_node)
+            killer = Midway(db, 20, lambda: _kill_first(cluster.worker_raylets()))
             killer.start()
             result = _tag(db, folder, sim.url, executor="ray", ray_address=cluster.address,
                           ray_actors=4)  # fmt: skip
             killer.join()
-        assert killed, "the worker node's raylet was not found"
+        assert killer.done, "the worker node's raylet was not found"
         assert result.summary()["status"] == "done" and result.balanced, result.summary()
         assert (result.tagged, result.failed, result.left) == (200, 1, 0)
         assert _annotations(db) == (200, 200)

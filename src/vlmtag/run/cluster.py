@@ -21,6 +21,7 @@ import os
 import pickle
 import socket
 import threading
+import time
 import warnings
 from collections import deque
 from typing import Any
@@ -42,6 +43,7 @@ BLOCKS_WANTED = 2000  # ... but a 10-million-image run is not cut into millions 
 CONNECT_TIMEOUT = 5.0  # seconds for the head's port to answer
 DECODE_CPUS = 1  # per decoding task
 BUILTIN_ACTOR_CPUS = 2
+STALL_SECONDS = 900.0  # nothing back from the cluster this long: it waits for ever
 
 
 def connect(address: str | None):
@@ -133,14 +135,6 @@ def _stderr_muted():
         os.close(saved)
 
 
-def disconnect() -> None:
-    """Leave the cluster: what this job still runs there (tasks, actors) is stopped."""
-    import ray
-
-    with contextlib.suppress(Exception):
-        ray.shutdown()
-
-
 def plan(ray, lead, actors: int | None) -> tuple[int, dict[str, Any]]:
     """How many inference actors, and what each needs of a node. Every node keeps at least
     one CPU free of actors: the decoding tasks (one CPU each) must always find room, or the
@@ -173,6 +167,7 @@ class ClusterPipeline(Pipeline):
         self._lanes: dict[str, list[dict[str, Any]]] = {}  # actor -> its lanes' reports
         self.nodes: set[str] = set()  # the nodes that answered
         self.stopped_early = False
+        self._executors: list[Any] = []  # the dataset's streaming executor, once made
 
     async def _process(self, todo: deque) -> None:
         if not todo:
@@ -180,7 +175,12 @@ class ClusterPipeline(Pipeline):
         loop = asyncio.get_running_loop()
         for f, _ in todo:
             self._outstanding[f.path] = f
-        dataset = self._dataset(list(todo))
+        try:
+            dataset = self._dataset(list(todo))
+        except Exception as exc:  # noqa: BLE001 - Ray refused the job: each image says why
+            self._failed_job(exc)
+            self._settle_outstanding()
+            return
         ended = asyncio.Event()
         quit_pulling = threading.Event()
 
@@ -203,7 +203,7 @@ class ClusterPipeline(Pipeline):
         threading.Thread(target=pull, name="vlmtag-ray", daemon=True).start()
         stopped = asyncio.create_task(self.control.wait())
         over = asyncio.create_task(ended.wait())
-        gave_up = asyncio.create_task(self._until_abandoned())
+        gave_up = asyncio.create_task(self._until_abandoned_or_stalled())
         try:
             await asyncio.wait({stopped, over, gave_up}, return_when="FIRST_COMPLETED")
         finally:
@@ -214,11 +214,45 @@ class ClusterPipeline(Pipeline):
                 self.stopped_early = True
             self._settle_outstanding()
             if self.stopped_early:  # what still runs on the cluster for this job ends
-                await asyncio.to_thread(disconnect)
+                await asyncio.to_thread(self._end_job)
 
-    async def _until_abandoned(self) -> None:
+    async def _until_abandoned_or_stalled(self) -> None:
+        """Until the run gives up, or the cluster has given nothing back for STALL_SECONDS
+        (it waits for resources it will never have: then the run fails, saying so)."""
+        self._last_landed = time.monotonic()
         while self.abandoned is None:
             await asyncio.sleep(0.2)
+            if time.monotonic() - self._last_landed > STALL_SECONDS:
+                self._abandon(
+                    "failed",
+                    "infer",
+                    f"the Ray cluster gave nothing back for {STALL_SECONDS:g} s; `ray status`"
+                    " says what it waits for (CPUs, GPUs, memory); rerun to go on",
+                )
+
+    def _end_job(self) -> None:
+        """Stop the dataset's executor: its tasks are cancelled and its actors end. (Not
+        ray.shutdown: the thread still waiting in iter_batches would then call into a
+        core worker that is gone, and Ray aborts the process.)"""
+        for executor in self._executors:
+            with contextlib.suppress(Exception):
+                executor.shutdown(force=True)
+
+    def _watch_executor(self, dataset) -> None:
+        """Keep the streaming executor the dataset makes when iterated, to stop it early.
+        Ray Data keeps it only from the first block on; a cluster that never gives one
+        must be stoppable too. (A private hook: without it, the executor ends with the
+        process.)"""
+        make = getattr(dataset, "_create_executor", None)
+        if make is None:
+            return
+
+        def kept():
+            executor = make()
+            self._executors.append(executor)
+            return executor
+
+        dataset._create_executor = kept
 
     def _dataset(self, todo: list):
         import pyarrow as pa
@@ -268,7 +302,7 @@ class ClusterPipeline(Pipeline):
             },
             num_cpus=DECODE_CPUS,
         )
-        return dataset.map_batches(
+        dataset = dataset.map_batches(
             Infer,
             batch_format="pyarrow",
             batch_size=INFER_BATCH,
@@ -276,10 +310,13 @@ class ClusterPipeline(Pipeline):
             compute=ray.data.ActorPoolStrategy(size=self.actors, max_tasks_in_flight_per_actor=2),
             **self.actor_needs,
         )
+        self._watch_executor(dataset)
+        return dataset
 
     # ---- what comes back --------------------------------------------------------------
 
     def _landed(self, block) -> None:
+        self._last_landed = time.monotonic()
         lanes_seen: dict[str, bytes] = {}
         for row in block.to_pylist():
             f = self._outstanding.pop(row["path"], None)
@@ -318,16 +355,16 @@ class ClusterPipeline(Pipeline):
             )
             self.times.add("infer", seconds)
         elif kind == "failed":
-            _, stage, reason = outcome
-            if reason.startswith("not sent: no server is left"):
-                self._abandon("stopped", stage, reason)
+            _, stage, reason, gave_up = outcome
+            if gave_up:  # that actor has no server left: neither will the others
+                self._abandon(gave_up, stage, reason)
             self.ledger.failed(path, content_id, stage, reason)
         else:
             self.ledger.left(path, content_id)
 
     def _failed_job(self, exc: BaseException) -> None:
         text = one_line(str(exc)) or type(exc).__name__
-        self._abandon("failed", "infer", f"the Ray job failed: {text[:300]}")
+        self._abandon("failed", "infer", f"the Ray job failed: {text[:300]}; rerun to go on")
 
     def _settle_outstanding(self) -> None:
         """Files that never came back: failed if the run gave up, else left (stopped)."""

@@ -169,14 +169,16 @@ class Infer:
             spec = self._spec
             backends = [get_backend(spec.backend, o) for o in spec.options]
             started = await asyncio.gather(*(b.start() for b in backends), return_exceptions=True)
+            outcomes = _Outcomes(self._waiting)
             serving = Serving(
                 backends,
                 spec.request,
-                _Outcomes(self._waiting),
+                outcomes,
                 workers=spec.workers,
                 server_wait=spec.server_wait,
                 share=spec.share,
             )
+            outcomes.serving = serving
             # A server this node cannot reach is one lane less here, not a failed run.
             for lane, error in zip(serving.lanes, started, strict=True):
                 if isinstance(error, BaseException):
@@ -192,6 +194,7 @@ class _Outcomes:
 
     def __init__(self, waiting: dict[Work, asyncio.Future]):
         self._waiting = waiting
+        self.serving = None  # set once made: a failure says whether it gave up
 
     def _end(self, work: Work, outcome: tuple) -> None:
         future = self._waiting.pop(work, None)
@@ -207,7 +210,8 @@ class _Outcomes:
         )  # fmt: skip
 
     def failed(self, work: Work, stage: str, reason: str) -> None:
-        self._end(work, ("failed", stage, reason))
+        abandoned = getattr(self.serving, "abandoned", None)
+        self._end(work, ("failed", stage, reason, abandoned[0] if abandoned else ""))
 
     def left(self, work: Work) -> None:
         self._end(work, ("left",))

@@ -112,6 +112,8 @@ async def run_tag(
             request.language,
             request.language,
         )
+    if settings.executor != "ray" and (settings.ray_address or settings.ray_actors):
+        log.warning("--ray-address and --ray-actors are for --executor ray; this run is local")
     control = control or Control()
     # The store hears the stop too: a wait for a locked database to take the run's row
     # ends at Ctrl-C, and in a hurry the run's last row is tried only once.
