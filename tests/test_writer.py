@@ -167,3 +167,26 @@ def test_a_full_disk_fails_the_row_that_does_not_fit_and_stores_the_rest(small_d
     assert found["failures"] == [["/p/13.jpg", "store"]]
     assert found["fatal"] is None  # the disk took everything else: the run can go on
     assert os.path.exists(folder / "v.db")
+
+
+def test_a_file_answered_without_a_request_loses_its_old_failures(store):
+    """A copy tagged through its twin, or a file found to hold a picture tagged before: its
+    failure from an earlier run (no content id then: it was never read) goes."""
+    from vlmtag.library.rows import FailureRow
+    from vlmtag.run.ledger import Ledger, RunIdentity
+    from vlmtag.types import Reply
+
+    writer = Writer(store.path)
+    for path in ("copy.jpg", "moved.jpg", "other.jpg"):
+        writer.put(FailureRow(path, None, "ollama", "m", "k", "infer", "no server left", 1))
+    writer.put(FailureRow("copy.jpg", None, "ollama", "m", "other-key", "infer", "kept", 1))
+    ledger = Ledger(RunIdentity(1, "ollama", "m", "k", "en"), writer)
+    ledger.copy("copy.jpg", "c1")  # waits for its twin
+    ledger.tagged("twin.jpg", "c1", Reply(text='{"tags": ["x"]}'), [("x", None)], None)
+    ledger.skipped(admitted=True, path="moved.jpg")
+    writer.close(10)
+    con = sqlite3.connect(store.path)
+    left = sorted(con.execute("SELECT path, prompt_key FROM failures"))
+    con.close()
+    assert left == [("copy.jpg", "other-key"), ("other.jpg", "k")]
+    assert (ledger.counts.tagged, ledger.counts.duplicates, ledger.counts.skipped) == (1, 1, 1)

@@ -83,7 +83,7 @@ SUMMARY_NOTES = {
 )
 @click.option(
     "--ray-actors",
-    type=click.IntRange(1, 4096),
+    type=click.IntRange(1, 1024),
     default=None,
     help="Inference actors for --executor ray. Default: one per GPU (transformers), else one "
     "per node (at least 2 for servers).",
@@ -171,10 +171,12 @@ def render_summary(s: dict[str, Any]) -> None:
     for server in s.get("servers") or []:
         if len(s["servers"]) > 1 or len(server["workers_tried"]) > 1:
             tried = " -> ".join(map(str, server["workers_tried"]))
+            tried = f" (tried {tried})" if tried else ""
             away = " (stopped answering)" if server["away"] else ""
-            click.echo(f"  {server['server']}: {server['workers']} in flight (tried {tried}){away}")
+            click.echo(f"  {server['server']}: {server['workers']} in flight{tried}{away}")
     if s["failures"]:
-        click.echo(f"failures ({s['failed']}; all of them: vlmtag failures):")
+        shown = "" if s["failed"] <= 5 else ", the first 5"
+        click.echo(f"failures ({s['failed']}{shown}; all of them: vlmtag failures):")
         for f in s["failures"][:5]:
             click.echo(redact(f"  {f['path']}: {f['stage']}: {f['reason']}"))
     if s.get("stopped_reason"):

@@ -56,4 +56,15 @@ class Missing:
     paths: list[str]
 
 
-Row = FileSeen | AnnotationRow | FailureRow | Missing
+@dataclass(slots=True)
+class Answered:
+    """A file whose picture has an answer under this key without one of its own (a copy of
+    a picture tagged in the run, or tagged before): its older failures under the key go."""
+
+    path: str
+    backend: str
+    model: str
+    prompt_key: str
+
+
+Row = FileSeen | AnnotationRow | FailureRow | Missing | Answered

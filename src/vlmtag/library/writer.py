@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from vlmtag.library import current, decisions
 from vlmtag.library.db import connect, is_busy, now
 from vlmtag.library.paths import to_db
-from vlmtag.library.rows import AnnotationRow, FailureRow, FileSeen, Missing, Row
+from vlmtag.library.rows import AnnotationRow, Answered, FailureRow, FileSeen, Missing, Row
 from vlmtag.library.rules import RulesCache
 from vlmtag.text import one_line, valid_utf8
 
@@ -122,7 +122,7 @@ class Writer:
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
                 item = None
-            if isinstance(item, FileSeen | AnnotationRow | FailureRow | Missing):
+            if isinstance(item, FileSeen | AnnotationRow | FailureRow | Missing | Answered):
                 if not pending:
                     first = time.monotonic()
                 pending.append(item)
@@ -374,6 +374,11 @@ def _write(conn: sqlite3.Connection, row: Row, rules: RulesCache) -> None:
                 row.run_id,
                 stamp,
             ),
+        )
+    elif isinstance(row, Answered):
+        conn.execute(
+            "DELETE FROM failures WHERE path = ? AND backend = ? AND model = ? AND prompt_key = ?",
+            (to_db(row.path), row.backend, row.model, row.prompt_key),
         )
     elif isinstance(row, Missing):
         paths = [(to_db(p),) for p in row.paths]

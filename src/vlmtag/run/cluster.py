@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import pickle
+import signal
 import socket
 import threading
 import time
@@ -26,7 +27,7 @@ import warnings
 from collections import deque
 from typing import Any
 
-from vlmtag.errors import SetupError
+from vlmtag.errors import Interrupted, SetupError
 from vlmtag.library.rows import FileSeen
 from vlmtag.models.inprocess import installed
 from vlmtag.run.pipeline import Pipeline
@@ -41,9 +42,47 @@ INFER_BATCH = 8  # images per call of an inference actor (several calls run side
 BLOCK_MIN, BLOCK_MAX = 4, 512  # files per block sent out: small blocks come back sooner
 BLOCKS_WANTED = 2000  # ... but a 10-million-image run is not cut into millions of them
 CONNECT_TIMEOUT = 5.0  # seconds for the head's port to answer
+CONNECT_LIMIT = 90.0  # seconds for Ray to connect, at most
 DECODE_CPUS = 1  # per decoding task
 BUILTIN_ACTOR_CPUS = 2
 STALL_SECONDS = 900.0  # nothing back from the cluster this long: it waits for ever
+
+
+async def connect_within(address: str | None, control, limit: float | None = None):
+    """connect() in a thread of its own, given up after `limit` seconds or at a stop (Ray
+    may wait minutes on an address that takes connections and is no Ray)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future = loop.create_future()
+
+    def attempt() -> None:
+        try:
+            got = connect(address)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop as it is
+            result = (done.set_exception, exc)
+        else:
+            result = (done.set_result, got)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(lambda: done.done() or result[0](result[1]))
+
+    # A daemon thread: one stuck in Ray's retries must not keep the process from exiting.
+    threading.Thread(target=attempt, name="vlmtag-ray-connect", daemon=True).start()
+    stopped = asyncio.ensure_future(control.wait())
+    try:
+        await asyncio.wait({done, stopped}, timeout=limit or CONNECT_LIMIT,
+                           return_when="FIRST_COMPLETED")  # fmt: skip
+    finally:
+        stopped.cancel()
+    if done.done():
+        return done.result()
+    _unmute()
+    if control.stopping:
+        raise Interrupted("interrupted while connecting to the Ray cluster; nothing was done")
+    where = address or os.environ.get("RAY_ADDRESS") or "auto"
+    raise SetupError(
+        f"no Ray cluster answered at {where} within {limit or CONNECT_LIMIT:g} s; is that the"
+        " head's address as `ray start --head` printed it (not a model server's), and are"
+        " RAY_AUTH_MODE and RAY_AUTH_TOKEN here the cluster's?"
+    )
 
 
 def connect(address: str | None):
@@ -59,10 +98,16 @@ def connect(address: str | None):
     # Ray's own chatter (its C++ core's notes, warnings meant for its developers) would
     # break the progress bar; vlmtag says what went wrong itself, per image.
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    # Its crash handler would print a C++ stack for a plain SIGTERM (vlmtag's stop).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
     quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
     if where not in ("auto", "local"):
         _answers(where)  # Ray itself would retry a wrong address for minutes
+    import ray.data  # noqa: F401 - it sets up its loggers as it is imported: quieted next
+
+    for name in ("ray", "ray.data"):  # before init: it warns as it starts
+        logging.getLogger(name).setLevel(logging.CRITICAL if name == "ray.data" else logging.ERROR)
     try:
         with _stderr_muted():  # where Ray's core says which log level it was told
             if where == "local":
@@ -82,9 +127,19 @@ def connect(address: str | None):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # vlmtag draws its own
     context.print_on_execution_start = False
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     return ray
+
+
+def keep_signal_handlers() -> None:
+    """Ray's core installs its own crash handler for SIGTERM as it connects (it prints a
+    C++ stack and aborts): vlmtag's own handlers (a stop, exit 130) are put back. In the
+    main thread, after connect()."""
+    for name in ("SIGTERM", "SIGINT", "SIGHUP"):
+        sig = getattr(signal, name, None)
+        handler = signal.getsignal(sig) if sig is not None else None
+        if handler is not None:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, handler)
 
 
 def _notes_to_log() -> None:
@@ -103,11 +158,16 @@ def _notes_to_log() -> None:
 
 def _answers(address: str) -> None:
     """SetupError at once unless something listens at HOST:PORT."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
+    if address.startswith("ray://"):
+        raise SetupError(
+            "Ray Client addresses (ray://) are not supported: run vlmtag on a node of the"
+            " cluster (the head) with --ray-address HOST:PORT"
+        )
+    host, _, port = address.rpartition(":")
+    if not host or "/" in address or not port.isdigit() or not 0 < int(port) < 65536:
         raise SetupError(
             f"--ray-address {address!r} is not HOST:PORT (the head's address, as"
-            " `ray start --head` prints it), auto or local"
+            " `ray start --head` prints it, e.g. 10.0.0.5:6379), auto or local"
         )
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT).close()
@@ -118,6 +178,9 @@ def _answers(address: str) -> None:
         ) from None
 
 
+_muted: list[int] = []  # standard error as it was, while it is muted
+
+
 @contextlib.contextmanager
 def _stderr_muted():
     """Standard error (the descriptor: C++ writes there too) goes nowhere for a while."""
@@ -126,13 +189,23 @@ def _stderr_muted():
     except OSError:  # no standard error at all
         yield
         return
+    _muted.append(saved)
     try:
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
             yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        _unmute()
+
+
+def _unmute() -> None:
+    """Standard error back (also from another thread: a connect stuck in Ray's retries
+    must not take vlmtag's own error line with it)."""
+    while _muted:
+        saved = _muted.pop()
+        with contextlib.suppress(OSError):
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def plan(ray, lead, actors: int | None) -> tuple[int, dict[str, Any]]:
@@ -267,7 +340,8 @@ class ClusterPipeline(Pipeline):
             blocks.append(
                 pa.table(
                     {
-                        "path": [f.path for f, _ in chunk],
+                        # bytes: a name that is not UTF-8 is no Arrow string
+                        "path": pa.array([os.fsencode(f.path) for f, _ in chunk], pa.binary()),
                         "size": pa.array([f.size for f, _ in chunk], pa.int64()),
                         "mtime_ns": pa.array([f.mtime_ns for f, _ in chunk], pa.int64()),
                         "content_id": [c or "" for _, c in chunk],
@@ -319,7 +393,7 @@ class ClusterPipeline(Pipeline):
         self._last_landed = time.monotonic()
         lanes_seen: dict[str, bytes] = {}
         for row in block.to_pylist():
-            f = self._outstanding.pop(row["path"], None)
+            f = self._outstanding.pop(os.fsdecode(row["path"]), None)
             if f is None:
                 continue  # its block ran twice (a lost actor), or the run gave up on it
             lanes_seen[row["actor"]] = row["lanes"]
@@ -340,7 +414,7 @@ class ClusterPipeline(Pipeline):
         if status == "failed":
             self.ledger.failed(path, content_id, row["stage"], row["reason"], shared=row["claimed"])
         elif status == "done":
-            self.ledger.skipped(admitted=True)
+            self.ledger.skipped(admitted=True, path=path)
         elif status == "copy":
             self.ledger.copy(path, content_id)
         else:
@@ -379,16 +453,20 @@ class ClusterPipeline(Pipeline):
                 self.ledger.failed(f.path, None, "infer", reason)
 
     def _server_reports(self) -> list[dict[str, Any]]:
+        """Per server, over the actors that answered: in flight (their limits added), the
+        limits one actor tried, whether every actor last saw it away, images sent."""
         merged: dict[str, dict[str, Any]] = {}
         for reports in self._lanes.values():
             for r in reports:
                 m = merged.setdefault(
                     r["server"],
                     {"server": r["server"], "workers": 0, "workers_tried": [], "away": True,
-                     "sent": 0, "actors": 0},
+                     "sent": 0, "actors_answered": 0},
                 )  # fmt: skip
                 m["workers"] += r["workers"]
                 m["sent"] += r["sent"]
                 m["away"] = m["away"] and r["away"]
-                m["actors"] += 1
+                m["actors_answered"] += 1
+                if len(r["workers_tried"]) > len(m["workers_tried"]):
+                    m["workers_tried"] = list(r["workers_tried"])
         return list(merged.values())

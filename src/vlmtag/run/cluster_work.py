@@ -52,7 +52,8 @@ def decode_batch(batch, *, claims, resize, max_pixels, keep_pixels):
     node = platform.node()
     out: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
     columns = [batch.column(c).to_pylist() for c in COLUMNS]
-    for path, size, mtime_ns, known in zip(*columns, strict=True):
+    for raw, size, mtime_ns, known in zip(*columns, strict=True):
+        path = os.fsdecode(raw)
         times = StageTimes()
 
         def claim(content_id: str, path: str = path) -> str:
@@ -70,7 +71,7 @@ def decode_batch(batch, *, claims, resize, max_pixels, keep_pixels):
             if not os.path.exists(path):
                 reason = _not_on_this_node(path, node, reason)
         stages = times.summary()
-        out["path"].append(path)
+        out["path"].append(raw)
         out["size"].append(size)
         out["mtime_ns"].append(mtime_ns)
         out["content_id"].append(got.content_id or "")
@@ -134,7 +135,7 @@ class Infer:
                 futures.append(None)
                 continue
             image = pickle.loads(row["image"])
-            work = Work(row["path"], row["content_id"], image, time.perf_counter())
+            work = Work(os.fsdecode(row["path"]), row["content_id"], image, time.perf_counter())
             future = loop.create_future()
             self._waiting[work] = future
             futures.append(future)
@@ -222,7 +223,7 @@ def _schemas():
 
     prepared = pa.schema(
         [
-            ("path", pa.string()),
+            ("path", pa.binary()),  # os.fsencode: any name the OS gave
             ("size", pa.int64()),
             ("mtime_ns", pa.int64()),
             ("content_id", pa.string()),

@@ -134,9 +134,10 @@ async def run_tag(
 
 
 async def _on_ray(settings, store, backends, options, progress, control) -> RunResult:
-    from vlmtag.run.cluster import ClusterPipeline, connect
+    from vlmtag.run.cluster import ClusterPipeline, connect_within, keep_signal_handlers
 
-    ray = await asyncio.to_thread(connect, settings.ray_address)
+    ray = await connect_within(settings.ray_address, control)
+    keep_signal_handlers()
     if control.stopping:
         raise Interrupted("interrupted while connecting to the Ray cluster; nothing was done")
     pipeline = ClusterPipeline(

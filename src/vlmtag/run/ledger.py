@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vlmtag.library.rows import AnnotationRow, FailureRow, FileSeen, Row
+from vlmtag.library.rows import AnnotationRow, Answered, FailureRow, FileSeen, Row
 from vlmtag.models.parse import MAX_INPUT_CHARS
 from vlmtag.text import display_path
 from vlmtag.types import Reply
@@ -101,7 +101,10 @@ class Ledger:
         """Files gone from disk since the last run (not an outcome of this one)."""
         self.counts.missing = n
 
-    def skipped(self, n: int = 1, *, admitted: bool = False) -> None:
+    def skipped(self, n: int = 1, *, admitted: bool = False, path: str | None = None) -> None:
+        """path: a file found to hold a picture answered before (its failures go)."""
+        if path is not None:
+            self._answered(path)
         self._count("skipped", n, admitted)
 
     def seen(self, row: FileSeen) -> None:
@@ -198,12 +201,17 @@ class Ledger:
 
     def _resolve_copy(self, path: str, content_id: str, fate: _Fate) -> None:
         if fate.outcome == "tagged":
+            self._answered(path)
             self._copies.setdefault(content_id, []).append(path)
             self._count("duplicates", 1, True)
         elif fate.outcome == "failed":
             self.failed(path, content_id, fate.stage, fate.reason)
         else:
             self._count("left", 1, True)
+
+    def _answered(self, path: str) -> None:
+        r = self.run
+        self.writer.put(Answered(path, r.backend, r.model, r.prompt_key))
 
     def _note_failure(self, path: str, stage: str, reason: str) -> None:
         if len(self.failures) < FAILURES_KEPT:

@@ -350,7 +350,7 @@ class Pipeline:
                 reason = one_line(str(error))
                 self.ledger.failed(f.path, content_id, error.stage, reason, shared=got.claimed)
             elif got.status == "done":
-                self.ledger.skipped(admitted=True)
+                self.ledger.skipped(admitted=True, path=f.path)
             elif got.status == "copy":
                 self.ledger.copy(f.path, content_id)
             elif self.abandoned is not None:
