@@ -156,17 +156,21 @@ def test_same_rows_as_the_local_executor(cluster, server, tmp_path):
     assert retried.failures[0]["path"].endswith("broken.jpg")
 
 
-def test_a_worker_node_joined_by_address_takes_work(cluster, server, tmp_path):
+def test_a_worker_node_joined_by_address_takes_work(cluster, tmp_path):
     import ray
 
-    folder = _library(tmp_path, 60)
-    result = _tag(tmp_path / "r.db", folder, server.url, executor="ray",
-                  ray_address=cluster.address, ray_actors=4)  # fmt: skip
-    assert result.tagged == 60
+    # Enough work (~4 s of it) that the actors of both nodes are up before it is all taken:
+    # 4 actors take 8 batches at once, and the first ready could take a small run alone.
+    folder = _library(tmp_path, 240)
+    with SimulatedProcess(slots=4, seconds=0.06) as sim:
+        result = _tag(tmp_path / "r.db", folder, sim.url, executor="ray",
+                      ray_address=cluster.address, ray_actors=4)  # fmt: skip
+    assert result.tagged == 240
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert len(nodes) == 2 and any(WORKER_MARK in n["Resources"] for n in nodes)
     # Actors spread over both nodes, and both answered.
     assert result.servers[0]["actors_answered"] >= 2
+    assert result.servers[0]["nodes_answered"] == 2
 
 
 def test_rows_are_stored_before_the_job_ends(cluster, tmp_path):

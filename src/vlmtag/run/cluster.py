@@ -238,7 +238,7 @@ class ClusterPipeline(Pipeline):
         self.actors, self.actor_needs = plan(ray, self.lead, actors)
         self._outstanding: dict[str, Any] = {}  # path -> its FileStat, until it lands
         self._lanes: dict[str, list[dict[str, Any]]] = {}  # actor -> its lanes' reports
-        self.nodes: set[str] = set()  # the nodes that answered
+        self._node_of: dict[str, str] = {}  # actor -> the node it runs on
         self.stopped_early = False
         self._executors: list[Any] = []  # the dataset's streaming executor, once made
 
@@ -397,7 +397,7 @@ class ClusterPipeline(Pipeline):
             if f is None:
                 continue  # its block ran twice (a lost actor), or the run gave up on it
             lanes_seen[row["actor"]] = row["lanes"]
-            self.nodes.add(row["node"])
+            self._node_of[row["actor"]] = row["node"]
             self._one(f, row)
         for actor, lanes in lanes_seen.items():
             self._lanes[actor] = pickle.loads(lanes)
@@ -454,10 +454,13 @@ class ClusterPipeline(Pipeline):
 
     def _server_reports(self) -> list[dict[str, Any]]:
         """Per server, over the actors that answered: in flight (their limits added), the
-        limits one actor tried, whether every actor last saw it away, images sent."""
+        limits one actor tried, whether every actor last saw it away, images sent, and how
+        many actors and nodes that was."""
         merged: dict[str, dict[str, Any]] = {}
-        for reports in self._lanes.values():
+        nodes: dict[str, set[str]] = {}
+        for actor, reports in self._lanes.items():
             for r in reports:
+                nodes.setdefault(r["server"], set()).add(self._node_of.get(actor, ""))
                 m = merged.setdefault(
                     r["server"],
                     {"server": r["server"], "workers": 0, "workers_tried": [], "away": True,
@@ -469,4 +472,6 @@ class ClusterPipeline(Pipeline):
                 m["actors_answered"] += 1
                 if len(r["workers_tried"]) > len(m["workers_tried"]):
                     m["workers_tried"] = list(r["workers_tried"])
+        for server, m in merged.items():
+            m["nodes_answered"] = len(nodes[server])
         return list(merged.values())
