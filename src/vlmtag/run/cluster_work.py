@@ -69,7 +69,7 @@ def decode_batch(batch, *, claims, resize, max_pixels, keep_pixels):
         if got.error is not None:
             stage, reason = got.error.stage, str(got.error)
             if not os.path.exists(path):
-                reason = _not_on_this_node(path, node, reason)
+                reason = _not_on_this_node(node)
         stages = times.summary()
         out["path"].append(raw)
         out["size"].append(size)
@@ -86,7 +86,7 @@ def decode_batch(batch, *, claims, resize, max_pixels, keep_pixels):
     return pa.table(out, schema=PREPARED_SCHEMA)
 
 
-def _not_on_this_node(path: str, node: str, reason: str) -> str:
+def _not_on_this_node(node: str) -> str:
     return (
         f"not found on Ray node {node}: deleted after the scan, or that node does not see the"
         " files where this one does (every node needs them at the same path: a shared file"
